@@ -1,0 +1,27 @@
+# The two commands of the README: `make demo` (the main job) and `make test` (the suite).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_CPU := torch==2.13.0
+
+.PHONY: install demo test lint validate-deploy
+
+# The CPU build of torch goes in first, so the project's torch range never pulls a CUDA build.
+$(BIN)/xmr: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q $(TORCH_CPU)
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(BIN)/xmr
+
+install: $(BIN)/xmr
+
+demo: install
+	$(BIN)/xmr demo
+
+test: install
+	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check training service tests benchmarks
+	$(BIN)/mypy

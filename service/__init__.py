@@ -1,0 +1,1 @@
+"""The recommendation service: FastAPI over per-market FAISS indexes, sessions in Redis."""

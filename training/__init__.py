@@ -1,0 +1,1 @@
+"""Bert4XMR training: data loading, splits, the model, checkpoints and evaluation."""

@@ -1,0 +1,105 @@
+"""`xmr train` (and the other training commands): thin typer bodies over library functions."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import torch
+import typer
+
+from training.checkpoint import CheckpointError
+from training.config import ConfigError, load_config
+from training.data import DataError, LoaderOptions
+from training.distributed import Distributed, device_for
+from training.split import SPLITS
+
+logger = logging.getLogger(__name__)
+app = typer.Typer(no_args_is_help=True, add_completion=False)
+
+DataOpt = Annotated[Path, typer.Option("--data", help="Directory of <market>_5core.txt files.")]
+MarketsOpt = Annotated[
+    str | None, typer.Option("--markets", help="Comma-separated market codes (default: all).")
+]
+ConfigOpt = Annotated[Path | None, typer.Option("--config", help="TOML training config.")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N or auto.")]
+SepOpt = Annotated[str | None, typer.Option("--sep", help="Column separator (default whitespace).")]
+PatternOpt = Annotated[str, typer.Option("--pattern", help="File name pattern; * is the market.")]
+ColumnsOpt = Annotated[
+    str | None, typer.Option("--columns", help="Comma-separated column names for header-less files.")
+]
+UserColOpt = Annotated[str, typer.Option("--user-col", help="User id column.")]
+ItemColOpt = Annotated[str, typer.Option("--item-col", help="Item id column.")]
+DateColOpt = Annotated[
+    str, typer.Option("--date-col", help="Date column; '' for files without dates (file order).")
+]
+
+
+def fail(message: str) -> typer.Exit:
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(code=1)
+
+
+def loader_options(
+    pattern: str, sep: str | None, columns: str | None, user_col: str, item_col: str, date_col: str
+) -> LoaderOptions:
+    names = tuple(c.strip() for c in columns.split(",")) if columns else ()
+    return LoaderOptions(
+        pattern=pattern, sep=sep, header=not names, columns=names,
+        user_col=user_col, item_col=item_col, date_col=date_col or None,
+    )
+
+
+def parse_markets(markets: str | None) -> list[str] | None:
+    if not markets:
+        return None
+    return [m.strip() for m in markets.split(",") if m.strip()]
+
+
+def set_threads(threads: int) -> None:
+    torch.set_num_threads(max(1, threads))
+
+
+@app.command("train")
+def train_command(
+    data: DataOpt,
+    out: Annotated[Path, typer.Option("--out", help="Artifacts directory to write.")],
+    markets: MarketsOpt = None,
+    split: Annotated[str, typer.Option("--split", help="full, acmr or none (production).")] = "none",
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    config: ConfigOpt = None,
+    device: DeviceOpt = "cpu",
+    pattern: PatternOpt = "*_5core.txt",
+    sep: SepOpt = None,
+    columns: ColumnsOpt = None,
+    user_col: UserColOpt = "userId",
+    item_col: ItemColOpt = "itemId",
+    date_col: DateColOpt = "date",
+) -> None:
+    """Pre-train on all markets, fine-tune per market, write ARTIFACTS/global and markets/<m>."""
+    from training.data import read_dataset
+    from training.train import train_markets
+
+    if split not in SPLITS:
+        raise fail(f"--split must be one of {list(SPLITS)}, not {split!r}")
+    try:
+        train_config = load_config(config).with_overrides(seed=seed)
+        options = loader_options(pattern, sep, columns, user_col, item_col, date_col)
+        dataset = read_dataset(data, parse_markets(markets), options)
+    except (ConfigError, DataError) as e:
+        raise fail(str(e)) from e
+    set_threads(train_config.threads)
+    resolved = device_for(device)
+    dist = Distributed.from_env(resolved)
+    try:
+        results = train_markets(dataset, out, train_config, split, resolved, dist)
+    except (DataError, CheckpointError) as e:
+        raise fail(str(e)) from e
+    finally:
+        dist.close()
+    if dist.is_main:
+        for name, result in results.items():
+            typer.echo(f"{name}: valid_ndcg@10={result.best_metric:.4f} "
+                       f"epochs={result.epochs_run} seconds={result.seconds:.1f}")
+        typer.echo(f"wrote {out}")

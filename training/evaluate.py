@@ -1,0 +1,74 @@
+"""Scoring sessions and ranking held-out items under a split's protocol."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+
+from training.metrics import rank_of_target, summarize
+from training.model import Bert4XMR
+from training.split import MarketSplit
+from training.vocab import PAD
+
+# Scores of every item row (B, N) for a batch of sessions (lists of item rows) in one market.
+Scorer = Callable[[list[list[int]]], torch.Tensor]
+
+
+def pad_sessions(sessions: Sequence[Sequence[int]], max_len: int) -> torch.Tensor:
+    """Right-pad sessions with PAD into (B, T), keeping each session's last `max_len` items."""
+    width = max(1, min(max_len, max((len(s) for s in sessions), default=1)))
+    out = torch.full((len(sessions), width), PAD, dtype=torch.long)
+    for b, session in enumerate(sessions):
+        tail = list(session)[-max_len:]
+        if tail:
+            out[b, : len(tail)] = torch.as_tensor(tail, dtype=torch.long)
+    return out
+
+
+def model_scorer(model: Bert4XMR, market_row: int, device: torch.device | str = "cpu") -> Scorer:
+    """Scores of a model in eval mode; the market's item vectors are computed once."""
+    model.eval()
+    with torch.no_grad():
+        vectors = model.item_vectors(market_row).to(device)  # (N, D)
+
+    def score(sessions: list[list[int]]) -> torch.Tensor:
+        items = pad_sessions(sessions, model.config.max_len).to(device)
+        market = torch.full((len(sessions),), market_row, dtype=torch.long, device=device)
+        with torch.no_grad():
+            return (model.encode(items, market) @ vectors.T).float().cpu()  # (B, N)
+
+    return score
+
+
+def rank_split(split: MarketSplit, scorer: Scorer, stage: str, batch_size: int = 512) -> np.ndarray:
+    """0-based rank of each evaluated user's held-out item under the split's protocol."""
+    histories = split.history(stage)
+    targets = split.targets(stage)
+    negatives = split.negatives(stage)
+    ranks: list[np.ndarray] = []
+    market_mask: torch.Tensor | None = None
+    for start in range(0, len(histories), batch_size):
+        sessions = histories[start : start + batch_size]
+        target = torch.as_tensor(targets[start : start + batch_size])
+        scores = scorer(sessions)  # (B, N)
+        if negatives is None:  # full ranking over the market's items minus the history
+            if market_mask is None:
+                market_mask = torch.zeros(scores.shape[1], dtype=torch.bool)
+                market_mask[torch.as_tensor(split.market_items)] = True
+            candidates = market_mask.expand(len(sessions), -1).clone()
+            for b, session in enumerate(sessions):
+                candidates[b, torch.as_tensor(session, dtype=torch.long)] = False
+            candidates[torch.arange(len(sessions)), target] = True
+            ranks.append(rank_of_target(scores, target, candidates).numpy())
+        else:
+            cols = torch.cat([target[:, None], torch.as_tensor(negatives[start : start + batch_size])], 1)
+            picked = scores.gather(1, cols)  # (B, 1 + 99)
+            ones = torch.ones_like(picked, dtype=torch.bool)
+            ranks.append(rank_of_target(picked, torch.zeros_like(target), ones).numpy())
+    return np.concatenate(ranks) if ranks else np.zeros(0, dtype=np.int64)
+
+
+def evaluate_split(split: MarketSplit, scorer: Scorer, stage: str) -> dict[str, float]:
+    return summarize(rank_split(split, scorer, stage))

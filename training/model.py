@@ -1,0 +1,108 @@
+"""Bert4XMR in retrieval form (Hu et al., "Bert4XMR: Cross-Market Recommendation with
+Bidirectional Encoder Representations from Transformer", arXiv 2305.15145).
+
+An item in market m enters the encoder as LayerNorm(E_item[i] + E_market[m]); a bidirectional
+transformer encodes the session (a set: no position embedding by default); the user vector is the
+mean of the encoder outputs over real positions. The score of item i is the inner product with
+the market-shifted item vector v_m(i) = LayerNorm(E_item[i] + E_market[m]), so an inner-product
+index over {v_m(i)} returns exactly the model's own top-K.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+import torch
+from torch import nn
+
+from training.vocab import PAD
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    n_rows: int  # item embedding rows, padding row 0 included
+    n_markets: int
+    d_model: int = 64
+    n_layers: int = 2
+    n_heads: int = 2
+    d_ff: int = 256
+    dropout: float = 0.2
+    max_len: int = 50
+    market_embedding: bool = True
+    position_embedding: bool = False
+
+    def __post_init__(self) -> None:
+        if self.n_rows < 2 or self.n_markets < 1:
+            raise ValueError(f"need at least one item and one market, got {self}")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model={self.d_model} not divisible by n_heads={self.n_heads}")
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, object]) -> ModelConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown model config keys {sorted(unknown)}")
+        return cls(**data)  # type: ignore[arg-type]
+
+
+class Bert4XMR(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        d = config.d_model
+        self.item_emb = nn.Embedding(config.n_rows, d, padding_idx=PAD)
+        self.market_emb = nn.Embedding(config.n_markets, d)
+        self.position_emb = nn.Embedding(config.max_len, d) if config.position_embedding else None
+        self.input_norm = nn.LayerNorm(d)
+        self.dropout = nn.Dropout(config.dropout)
+        layer = nn.TransformerEncoderLayer(
+            d, config.n_heads, config.d_ff, config.dropout, activation="gelu",
+            batch_first=True, norm_first=True,
+        )
+        self.encoder = nn.TransformerEncoder(layer, config.n_layers, enable_nested_tensor=False)
+        self.output_norm = nn.LayerNorm(d)
+        nn.init.normal_(self.item_emb.weight, std=0.02)
+        nn.init.normal_(self.market_emb.weight, std=0.02)
+        with torch.no_grad():
+            self.item_emb.weight[PAD].zero_()
+        if not config.market_embedding:
+            self.market_emb.weight.requires_grad_(False)
+            nn.init.zeros_(self.market_emb.weight)
+
+    def shifted(self, items: torch.Tensor, market: torch.Tensor) -> torch.Tensor:
+        """LayerNorm(E_item + E_market): items (B, T) or (N,), market broadcastable."""
+        return self.input_norm(self.item_emb(items) + self.market_emb(market))
+
+    def encode(self, items: torch.Tensor, market: torch.Tensor) -> torch.Tensor:
+        """User vectors: items (B, T) rows with PAD=0 padding, market (B,) -> (B, D)."""
+        items = items[:, -self.config.max_len :]
+        real = items != PAD  # (B, T)
+        x = self.shifted(items, market[:, None])  # (B, T, D)
+        if self.position_emb is not None:
+            positions = torch.arange(items.shape[1], device=items.device)
+            x = x + self.position_emb(positions)[None]
+        x = self.encoder(self.dropout(x), src_key_padding_mask=~real)  # (B, T, D)
+        x = self.output_norm(x)
+        weights = real.unsqueeze(-1).to(x.dtype)  # (B, T, 1)
+        return (x * weights).sum(1) / weights.sum(1).clamp(min=1.0)  # (B, D)
+
+    def item_vectors(self, market: int | torch.Tensor) -> torch.Tensor:
+        """Market-shifted vectors of every row (N, D); row 0 (padding) is never a candidate."""
+        rows = torch.arange(self.config.n_rows, device=self.item_emb.weight.device)
+        market_t = torch.as_tensor(market, device=rows.device)
+        return self.shifted(rows, market_t)
+
+    def forward(self, items: torch.Tensor, market: torch.Tensor) -> torch.Tensor:
+        """Scores of every row for each session: (B, T), (B,) -> (B, N)."""
+        user = self.encode(items, market)  # (B, D)
+        # One market per batch is the common case; otherwise score per market.
+        if bool((market == market[0]).all()):
+            return user @ self.item_vectors(market[0]).T  # (B, N)
+        vectors = self.shifted(
+            torch.arange(self.config.n_rows, device=items.device)[None, :], market[:, None]
+        )  # (B, N, D)
+        return torch.einsum("bd,bnd->bn", user, vectors)

@@ -1,0 +1,266 @@
+"""Training: `fit()` is the one loop (train an epoch, validate, keep the best state, stop early);
+`pretrain()` and `finetune()` compose it; `train_markets()` is what `xmr train` runs.
+
+Objective: for each user, a random part of the training items is hidden, the visible part is
+encoded, and each hidden item is predicted with a full-softmax cross-entropy over the catalogue
+(cheap at ~8K items; it also pushes down items never sold in the market).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from training.checkpoint import Manifest, save_checkpoint
+from training.config import FitConfig, TrainConfig
+from training.data import Dataset
+from training.distributed import Distributed
+from training.evaluate import evaluate_split, model_scorer, pad_sessions
+from training.model import Bert4XMR, ModelConfig
+from training.split import MarketSplit, split_market
+from training.vocab import PAD, Vocab
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class FitResult:
+    best_metric: float
+    best_epoch: int
+    epochs_run: int
+    seconds: float
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def _batches(
+    splits: list[tuple[MarketSplit, int]], batch_size: int, rng: np.random.Generator
+) -> list[tuple[int, list[list[int]]]]:
+    """Shuffled batches of training sequences, one market per batch."""
+    out: list[tuple[int, list[list[int]]]] = []
+    for split, market_row in splits:
+        seqs = [s for s in split.train if len(s) >= 2]
+        order = rng.permutation(len(seqs))
+        for start in range(0, len(seqs), batch_size):
+            out.append((market_row, [seqs[i] for i in order[start : start + batch_size]]))
+    return [out[i] for i in rng.permutation(len(out))]
+
+
+def _mask_batch(
+    seqs: list[list[int]], max_len: int, mask_prob: float, rng: np.random.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split each sequence into visible inputs and hidden targets (each at least one item)."""
+    visible: list[list[int]] = []
+    hidden: list[list[int]] = []
+    for seq in seqs:
+        seq = seq[-(max_len + 1) :]
+        hide = rng.random(len(seq)) < mask_prob
+        if hide.all():
+            hide[rng.integers(len(seq))] = False
+        if not hide.any():
+            hide[rng.integers(len(seq))] = True
+        visible.append([r for r, h in zip(seq, hide) if not h])
+        hidden.append([r for r, h in zip(seq, hide) if h])
+    return pad_sessions(visible, max_len), pad_sessions(hidden, max_len + 1)
+
+
+def _loss(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor, market_row: int,
+          label_smoothing: float) -> torch.Tensor:
+    market = torch.full((inputs.shape[0],), market_row, dtype=torch.long, device=inputs.device)
+    logits = model(inputs, market)  # (B, N)
+    logits = logits.index_fill(1, torch.tensor([PAD], device=logits.device), float("-inf"))
+    log_probs = F.log_softmax(logits, dim=-1)  # (B, N)
+    real = targets != PAD  # (B, M)
+    picked = log_probs.gather(1, targets)  # (B, M); -inf at padding, masked out next
+    nll = -torch.where(real, picked, torch.zeros_like(picked)).sum() / real.sum()
+    if label_smoothing:
+        uniform = -log_probs[:, 1:].mean(dim=-1).mean()
+        return (1 - label_smoothing) * nll + label_smoothing * uniform
+    return nll
+
+
+def _progress(items: list, description: str) -> Iterator:
+    if not sys.stderr.isatty():
+        yield from items
+        return
+    from rich.progress import track
+
+    yield from track(items, description=description, transient=True)
+
+
+def validate(model: Bert4XMR, splits: list[tuple[MarketSplit, int]], device: str) -> dict[str, float]:
+    """Validation NDCG@10 per market and `mean` weighted by evaluated users."""
+    scores: dict[str, float] = {}
+    total, weight = 0.0, 0
+    for split, market_row in splits:
+        if not len(split.eval_users):
+            continue
+        metric = evaluate_split(split, model_scorer(model, market_row, device), "valid")["ndcg@10"]
+        scores[split.market] = metric
+        total += metric * len(split.eval_users)
+        weight += len(split.eval_users)
+    scores["mean"] = total / weight if weight else 0.0
+    return scores
+
+
+def fit(
+    model: Bert4XMR,
+    splits: list[tuple[MarketSplit, int]],
+    config: FitConfig,
+    seed: int,
+    name: str,
+    device: str = "cpu",
+    dist: Distributed | None = None,
+) -> FitResult:
+    """Train with early stopping on validation NDCG@10; `model` ends with the best weights."""
+    dist = dist or Distributed.single()
+    started = time.perf_counter()
+    rng = np.random.default_rng(seed)
+    torch.manual_seed(seed)
+    model.to(device)
+    wrapped = dist.wrap(model)
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad],
+        lr=config.lr, weight_decay=config.weight_decay,
+    )
+    best = validate(model, splits, device)["mean"] if config.validate_start else -1.0
+    best_state = copy.deepcopy(model.state_dict())
+    best_epoch, stale, epochs_run = 0, 0, 0
+    history: list[dict[str, float]] = []
+    for epoch in range(1, config.max_epochs + 1):
+        model.train()
+        batches = dist.shard(_batches(splits, config.batch_size, rng))
+        total, n = 0.0, 0
+        for market_row, seqs in _progress(batches, f"{name} epoch {epoch}"):
+            inputs, targets = _mask_batch(seqs, model.config.max_len, config.mask_prob, rng)
+            loss = _loss(wrapped, inputs.to(device), targets.to(device), market_row,
+                         config.label_smoothing)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += loss.item() * len(seqs)
+            n += len(seqs)
+        epochs_run = epoch
+        scores = validate(model, splits, device)
+        history.append({"epoch": epoch, "loss": total / max(n, 1), **scores})
+        logger.info("fit=%s epoch=%d loss=%.4f valid_ndcg@10=%.4f", name, epoch,
+                    total / max(n, 1), scores["mean"])
+        if scores["mean"] > best:
+            best, best_epoch, stale = scores["mean"], epoch, 0
+            best_state = copy.deepcopy(model.state_dict())
+        else:
+            stale += 1
+            if stale >= config.patience:
+                break
+    model.load_state_dict(best_state)
+    model.eval()
+    return FitResult(best, best_epoch, epochs_run, time.perf_counter() - started, history)
+
+
+@dataclass
+class Prepared:
+    """A dataset split for training: the shared vocabulary and each market's split."""
+
+    dataset: Dataset
+    vocab: Vocab
+    markets: list[str]
+    splits: dict[str, MarketSplit]
+
+
+def prepare(dataset: Dataset, split: str, seed: int) -> Prepared:
+    vocab = Vocab.from_items(dataset.item_ids)
+    markets = dataset.market_codes
+    all_items = np.arange(1, vocab.n_rows, dtype=np.int64)
+    splits = {
+        m: split_market(dataset.markets[m], vocab, split, seed, all_items=all_items) for m in markets
+    }
+    return Prepared(dataset, vocab, markets, splits)
+
+
+def new_model(prepared: Prepared, config: TrainConfig) -> Bert4XMR:
+    model_config = ModelConfig(
+        n_rows=prepared.vocab.n_rows, n_markets=len(prepared.markets), **config.model_kwargs()
+    )
+    torch.manual_seed(config.seed)
+    return Bert4XMR(model_config)
+
+
+def market_counts(split: MarketSplit, vocab: Vocab) -> dict[str, int]:
+    """Interactions per item sold in the market (training part), most popular first."""
+    counts = dict.fromkeys(split.market_items.tolist(), 0)
+    for seq in split.train:
+        for row in seq:
+            counts[row] += 1
+    ordered = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    return {vocab.item_id(row): count for row, count in ordered}
+
+
+def pretrain(
+    prepared: Prepared, config: TrainConfig, device: str = "cpu", dist: Distributed | None = None
+) -> tuple[Bert4XMR, FitResult]:
+    model = new_model(prepared, config)
+    splits = [(prepared.splits[m], row) for row, m in enumerate(prepared.markets)]
+    result = fit(model, splits, config.pretrain, config.seed, "global", device, dist)
+    return model, result
+
+
+def finetune(
+    global_model: Bert4XMR,
+    prepared: Prepared,
+    market: str,
+    config: TrainConfig,
+    device: str = "cpu",
+    dist: Distributed | None = None,
+) -> tuple[Bert4XMR, FitResult]:
+    model = copy.deepcopy(global_model)
+    row = prepared.markets.index(market)
+    result = fit(model, [(prepared.splits[market], row)], config.finetune, config.seed + row,
+                 f"finetune-{market}", device, dist)
+    return model, result
+
+
+def train_markets(
+    dataset: Dataset,
+    out: Path,
+    config: TrainConfig,
+    split: str = "none",
+    device: str = "cpu",
+    dist: Distributed | None = None,
+) -> dict[str, FitResult]:
+    """Pre-train on all markets, fine-tune each, and (on rank 0) write the checkpoints."""
+    dist = dist or Distributed.single()
+    prepared = prepare(dataset, split, config.seed)
+    global_model, global_result = pretrain(prepared, config, device, dist)
+    results = {"global": global_result}
+    base = {
+        "markets": prepared.markets,
+        "data_fingerprint": dataset.fingerprint,
+        "train_config": {**config.to_dict(), "split": split},
+    }
+    global_manifest = Manifest(
+        kind="global", model_config=global_model.config,
+        metrics={"valid_ndcg@10": global_result.best_metric}, **base,  # type: ignore[arg-type]
+    )
+    if dist.is_main:
+        save_checkpoint(out / "global", global_model, prepared.vocab, global_manifest)
+    for market in prepared.markets:
+        model, result = finetune(global_model, prepared, market, config, device, dist)
+        results[market] = result
+        if dist.is_main:
+            manifest = Manifest(
+                kind="market", model_config=model.config, market=market,
+                parent={"path": "../../global", "weights_sha256": global_manifest.weights_sha256},
+                metrics={"valid_ndcg@10": result.best_metric}, **base,  # type: ignore[arg-type]
+            )
+            save_checkpoint(out / "markets" / market, model, prepared.vocab, manifest,
+                            market_counts(prepared.splits[market], prepared.vocab))
+    dist.barrier()
+    return results
