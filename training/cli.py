@@ -103,3 +103,15 @@ def train_command(
             typer.echo(f"{name}: valid_ndcg@10={result.best_metric:.4f} "
                        f"epochs={result.epochs_run} seconds={result.seconds:.1f}")
         typer.echo(f"wrote {out}")
+
+
+@app.command("synthetic")
+def synthetic_command(
+    out: Annotated[Path, typer.Option("--out", help="Directory to write <market>_5core.txt to.")],
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+) -> None:
+    """Write the deterministic synthetic multi-market data set (the demo's data)."""
+    from training.synthetic import SyntheticSpec, write_synthetic
+
+    for path in write_synthetic(out, SyntheticSpec(seed=seed)):
+        typer.echo(f"wrote {path}")
