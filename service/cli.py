@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import tempfile
+from pathlib import Path
+from typing import Annotated, Any
 
 import typer
 
@@ -13,6 +17,9 @@ app = typer.Typer(
     no_args_is_help=True, add_completion=False,
     help="Cross-market recommendation: train Bert4XMR, build indexes, serve.",
 )
+index_app = typer.Typer(no_args_is_help=True, add_completion=False,
+                        help="Per-market FAISS indexes.")
+app.add_typer(index_app, name="index")
 
 
 @app.callback()
@@ -28,3 +35,74 @@ def main(
 
 for command in training_app.registered_commands:
     app.registered_commands.append(command)
+
+
+def _fail(message: str) -> typer.Exit:
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(code=1)
+
+
+@index_app.command("build")
+def index_build_command(
+    artifacts: Annotated[Path, typer.Option("--artifacts", help="Directory from `xmr train`.")],
+    market: Annotated[list[str] | None, typer.Option(
+        "--market", help="Market to build (repeatable; default: every market).")] = None,
+) -> None:
+    """Build each market's FAISS index from its fine-tuned checkpoint (atomic, idempotent)."""
+    from service.bundle import discover_markets
+    from service.errors import ServiceError
+    from service.index import build_index
+    from training.checkpoint import CheckpointError
+
+    try:
+        markets = market or discover_markets(artifacts)
+        if not markets:
+            raise _fail(f"{artifacts}: no market checkpoints")
+        for name in markets:
+            manifest = build_index(artifacts / "markets" / name)
+            typer.echo(f"{name}: index {manifest.version} n_items={manifest.n_items} "
+                       f"model_version={manifest.model_version}")
+    except (ServiceError, CheckpointError) as e:
+        raise _fail(getattr(e, "message", str(e))) from e
+
+
+@app.command("serve")
+def serve_command(
+    artifacts: Annotated[Path | None, typer.Option(
+        "--artifacts", help="Directory from `xmr train` (XMR_ARTIFACTS).")] = None,
+    host: Annotated[str | None, typer.Option("--host", help="Bind address (XMR_HOST).")] = None,
+    port: Annotated[int | None, typer.Option("--port", help="Port (XMR_PORT).")] = None,
+    redis_url: Annotated[str | None, typer.Option(
+        "--redis-url", help="Redis URL for sessions (XMR_REDIS_URL; default in-process).")] = None,
+) -> None:
+    """Serve the recommendation API; other settings come from XMR_* environment variables."""
+    from pydantic import ValidationError
+
+    from service.server import serve
+    from service.settings import Settings
+
+    overrides: dict[str, Any] = {
+        k: v for k, v in
+        {"artifacts": artifacts, "host": host, "port": port, "redis_url": redis_url}.items()
+        if v is not None
+    }
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as e:
+        raise _fail(f"invalid settings: {e}") from e
+    serve(settings)
+
+
+@app.command("demo")
+def demo_command(
+    workdir: Annotated[Path | None, typer.Option(
+        "--workdir", help="Where to write data and artifacts (default: a temporary directory).")
+    ] = None,
+) -> None:
+    """Synthetic markets -> train -> index -> serve, and print one real recommendation."""
+    from service.demo import run_demo
+
+    with tempfile.TemporaryDirectory(prefix="xmr-demo-") as tmp:
+        result = run_demo(workdir or Path(tmp))
+        typer.echo(f"POST /markets/{result.market}/recommend {json.dumps(result.request)}")
+        typer.echo(json.dumps(result.response, indent=2))

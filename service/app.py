@@ -1,0 +1,145 @@
+"""The FastAPI application: `create_app` builds settings, models, indexes, session store and
+batcher in its lifespan, and maps domain errors to HTTP in one place.
+
+Run it with `uvicorn --factory service.app:create_app` or `xmr serve`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from functools import partial
+
+import anyio.to_thread
+import torch
+from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from service import errors
+from service.api import reload_bundle, router
+from service.batcher import Batcher
+from service.bundle import Registry, load_bundle
+from service.metrics import Metrics
+from service.middleware import BodySizeLimit, RequestMetrics
+from service.sessions import create_session_store
+from service.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+# The one place where domain errors become HTTP statuses (most specific class first).
+STATUS: list[tuple[type[errors.ServiceError], int]] = [
+    (errors.UnknownMarketError, 404),
+    (errors.SessionNotFoundError, 404),
+    (errors.AdminDisabledError, 404),
+    (errors.ForbiddenError, 403),
+    (errors.InvalidRequestError, 422),
+    (errors.SessionStoreUnavailableError, 503),
+    (errors.NotReadyError, 503),
+    (errors.ReloadError, 500),
+]
+
+
+def status_of(error: errors.ServiceError) -> int:
+    return next((status for cls, status in STATUS if isinstance(error, cls)), 500)
+
+
+async def service_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, errors.ServiceError)
+    body = {"error": exc.code, "message": exc.message, **exc.details}
+    return JSONResponse(jsonable_encoder(body), status_code=status_of(exc))
+
+
+async def validation_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    problems = [
+        f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg', 'invalid')}"
+        for e in exc.errors()
+    ]
+    body = {"error": "invalid_request", "message": "; ".join(problems) or "invalid request",
+            "detail": exc.errors()}
+    return JSONResponse(jsonable_encoder(body), status_code=422)
+
+
+async def http_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    return JSONResponse({"error": code, "message": str(exc.detail)},
+                        status_code=exc.status_code, headers=exc.headers)
+
+
+def _install_sighup(app: FastAPI, tasks: set[asyncio.Task[object]]) -> bool:
+    """SIGHUP reloads; only possible when the loop runs in the main thread (uvicorn, xmr serve)."""
+
+    def on_sighup() -> None:
+        async def run() -> None:
+            try:
+                await reload_bundle(app.state.registry, app.state.metrics)
+            except errors.ServiceError as e:
+                logger.error("SIGHUP reload failed: %s", e.message)
+
+        task = asyncio.ensure_future(run())
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    try:
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, on_sighup)
+    except (ValueError, RuntimeError, NotImplementedError, AttributeError):
+        logger.info("SIGHUP reload not installed (loop not in the main thread)")
+        return False
+    return True
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    metrics = Metrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        torch.set_num_threads(settings.torch_threads)
+        load = partial(load_bundle, settings.artifacts, settings.markets, settings.search,
+                       settings.device)
+        bundle = await anyio.to_thread.run_sync(load)
+        app.state.registry = Registry(load, bundle)
+        metrics.set_models((m.market, m.model_version, m.index_version)
+                           for m in bundle.markets.values())
+        app.state.store = create_session_store(
+            settings.redis_url, settings.redis_pool_size, settings.redis_timeout_s,
+            settings.session_ttl_s, settings.session_max_items,
+        )
+        app.state.batcher = Batcher(settings.batch_max, settings.batch_wait_ms / 1000,
+                                    metrics.batch_size.observe)
+        tasks: set[asyncio.Task[object]] = set()
+        sighup = settings.reload_on_sighup and _install_sighup(app, tasks)
+        logger.info("serving markets=%s store=%s search=%s device=%s",
+                    ",".join(sorted(bundle.markets)), app.state.store.kind, settings.search,
+                    settings.device)
+        try:
+            yield
+        finally:
+            if sighup:
+                asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+            await app.state.batcher.close()
+            await app.state.store.close()
+
+    app = FastAPI(
+        title="xmr: cross-market recommendations",
+        description="Bert4XMR session recommendations per market. `GET /noop` and "
+                    "`POST /markets/{market}/noop` are the load benchmark's baselines.",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.metrics = metrics
+    app.include_router(router)
+    app.add_exception_handler(errors.ServiceError, service_error_handler)
+    app.add_exception_handler(RequestValidationError, validation_error_handler)
+    app.add_exception_handler(StarletteHTTPException, http_error_handler)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestMetrics, metrics=metrics)  # outermost: sees 413s too
+    return app

@@ -1,0 +1,130 @@
+"""What the service serves: one loaded model + index per market (a `Bundle`), and the `Registry`
+that swaps whole bundles on reload, so a request sees one consistent set of versions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import anyio.to_thread
+import torch
+
+from service.errors import ArtifactsError, ReloadError, ServiceError, UnknownMarketError
+from service.index import MarketIndex, load_index
+from training.checkpoint import MANIFEST, Checkpoint, CheckpointError, load_checkpoint
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class MarketModel:
+    """A market's fine-tuned checkpoint with the index built from it."""
+
+    market: str
+    checkpoint: Checkpoint
+    index: MarketIndex
+    popular: list[tuple[str, int]]  # (item id, interactions), most popular first
+    device: torch.device
+
+    @property
+    def model_version(self) -> str:
+        return self.checkpoint.manifest.version
+
+    @property
+    def index_version(self) -> str:
+        return self.index.manifest.version
+
+    @property
+    def n_items(self) -> int:
+        return len(self.index.rows)
+
+
+@dataclass(frozen=True)
+class Bundle:
+    markets: dict[str, MarketModel]
+    loaded_at: str
+
+    def market(self, market: str) -> MarketModel:
+        try:
+            return self.markets[market]
+        except KeyError:
+            raise UnknownMarketError(market, sorted(self.markets)) from None
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ArtifactsError(f"device {device!r} requested but torch sees no CUDA device")
+    return torch.device(device)
+
+
+def discover_markets(artifacts: Path) -> list[str]:
+    """Markets with a checkpoint under `artifacts/markets/`."""
+    root = artifacts / "markets"
+    if not root.is_dir():
+        raise ArtifactsError(f"{root}: no markets directory; run `xmr train` first")
+    return sorted(p.name for p in root.iterdir() if (p / MANIFEST).is_file())
+
+
+def load_market(artifacts: Path, market: str, search: str, device: torch.device) -> MarketModel:
+    market_dir = artifacts / "markets" / market
+    checkpoint = load_checkpoint(market_dir, map_location=device)
+    if checkpoint.manifest.market != market or checkpoint.market_items is None:
+        raise ArtifactsError(f"{market_dir}: not the market checkpoint of {market!r}")
+    index = load_index(market_dir, checkpoint, search, device.type)
+    popular = list(checkpoint.market_items.items())
+    return MarketModel(market, checkpoint, index, popular, device)
+
+
+def load_bundle(
+    artifacts: Path, markets: list[str] | None, search: str, device: str
+) -> Bundle:
+    """Load every market (or the `markets` subset); any failure fails the whole bundle."""
+    resolved = resolve_device(device)
+    names = markets or discover_markets(artifacts)
+    if not names:
+        raise ArtifactsError(f"{artifacts}: no market checkpoints found")
+    loaded: dict[str, MarketModel] = {}
+    for market in names:
+        try:
+            loaded[market] = load_market(artifacts, market, search, resolved)
+        except CheckpointError as e:
+            raise ArtifactsError(str(e)) from e
+        logger.info("market loaded market=%s model_version=%s index_version=%s n_items=%d",
+                    market, loaded[market].model_version, loaded[market].index_version,
+                    loaded[market].n_items)
+    return Bundle(loaded, datetime.now(UTC).isoformat(timespec="seconds"))
+
+
+class Registry:
+    """Holds the current bundle. Reload builds a new one off to the side, then swaps the one
+    reference; requests read `current` once, so a response never mixes versions."""
+
+    def __init__(self, load: Callable[[], Bundle], bundle: Bundle) -> None:
+        self._load = load
+        self._current = bundle
+        self._lock = asyncio.Lock()
+
+    @property
+    def current(self) -> Bundle:
+        return self._current
+
+    async def reload(self) -> Bundle:
+        async with self._lock:
+            try:
+                bundle = await anyio.to_thread.run_sync(self._load)
+            except (ServiceError, CheckpointError, OSError) as e:
+                message = getattr(e, "message", str(e))
+                logger.error("reload failed, keeping the current bundle: %s", message)
+                raise ReloadError(
+                    f"reload failed, still serving the previous models: {message}"
+                ) from e
+            self._current = bundle
+            logger.info("reloaded markets=%s", ",".join(sorted(bundle.markets)))
+            return bundle

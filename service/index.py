@@ -1,0 +1,195 @@
+"""Per-market FAISS indexes: build them from a market checkpoint, write them atomically with a
+manifest that ties them to the checkpoint's weights, load and check them. The only module that
+imports `faiss`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Literal
+
+import faiss
+import numpy as np
+import torch
+from pydantic import BaseModel, ValidationError
+
+from service.errors import IndexLoadError, IndexMismatchError
+from service.search import Search, TorchSearch
+from training.checkpoint import Checkpoint, file_sha256, load_checkpoint
+
+logger = logging.getLogger(__name__)
+
+INDEX_MANIFEST = "index.json"
+SCHEMA_VERSION = 1
+
+
+class IndexManifest(BaseModel):
+    """`index.json`: which `index-<version>.faiss` serves the market, built from which weights."""
+
+    schema_version: int = SCHEMA_VERSION
+    kind: Literal["flat_ip"] = "flat_ip"
+    market: str
+    index_file: str
+    version: str  # first 12 hex digits of the index file's sha256
+    sha256: str
+    weights_sha256: str
+    model_version: str
+    n_items: int
+    dim: int
+    built_at: str
+
+
+@dataclass
+class MarketIndex:
+    """A loaded, checked index: item rows and their vectors in index order, plus a search."""
+
+    manifest: IndexManifest
+    rows: np.ndarray  # (N,) item rows sold in the market
+    vectors: np.ndarray  # (N, D) market-shifted item vectors, float32, never normalised
+    position: np.ndarray  # (n_rows,) index position of each item row, -1 if not in the market
+    search: Search
+
+    def score(self, user: np.ndarray, rows: list[int]) -> np.ndarray:
+        """Exact scores of the given item rows (all in the index) for one user vector (D,)."""
+        return self.vectors[self.position[rows]] @ user.astype(np.float32)  # (len(rows),)
+
+
+def market_vectors(checkpoint: Checkpoint) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of the items sold in the checkpoint's market and their vectors v_m(i): (N,), (N, D)."""
+    if checkpoint.market_items is None:
+        raise IndexLoadError(f"{checkpoint.path}: not a market checkpoint")
+    rows = np.asarray(checkpoint.vocab.indices(checkpoint.market_items), dtype=np.int64)  # (N,)
+    with torch.inference_mode():
+        vectors = checkpoint.model.item_vectors(checkpoint.market_row)  # (n_rows, D)
+    picked = vectors.float().cpu().numpy()[rows]  # (N, D)
+    return rows, np.ascontiguousarray(picked, dtype=np.float32)
+
+
+def _fsync_write(path: Path, text: str) -> None:
+    with path.open("w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def build_index(market_dir: Path) -> IndexManifest:
+    """Write `index-<version>.faiss`, then atomically replace `index.json`; old indexes go."""
+    checkpoint = load_checkpoint(market_dir)
+    manifest = checkpoint.manifest
+    rows, vectors = market_vectors(checkpoint)
+    index = faiss.IndexIDMap(faiss.IndexFlatIP(vectors.shape[1]))
+    index.add_with_ids(vectors, rows)
+    tmp = market_dir / f".index-{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        faiss.write_index(index, str(tmp))
+        sha = file_sha256(tmp)
+        index_file = f"index-{sha[:12]}.faiss"
+        os.replace(tmp, market_dir / index_file)
+    finally:
+        tmp.unlink(missing_ok=True)
+    result = IndexManifest(
+        market=str(manifest.market), index_file=index_file, version=sha[:12], sha256=sha,
+        weights_sha256=manifest.weights_sha256, model_version=manifest.version,
+        n_items=len(rows), dim=int(vectors.shape[1]),
+        built_at=datetime.now(UTC).isoformat(timespec="seconds"),
+    )
+    tmp_manifest = market_dir / f".{INDEX_MANIFEST}.{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        _fsync_write(tmp_manifest, result.model_dump_json(indent=2) + "\n")
+        os.replace(tmp_manifest, market_dir / INDEX_MANIFEST)
+    finally:
+        tmp_manifest.unlink(missing_ok=True)
+    for old in market_dir.glob("index-*.faiss"):
+        if old.name != index_file:
+            old.unlink(missing_ok=True)
+    logger.info("index built market=%s version=%s n_items=%d", result.market, result.version,
+                result.n_items)
+    return result
+
+
+def read_index_manifest(market_dir: Path) -> IndexManifest:
+    path = market_dir / INDEX_MANIFEST
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise IndexLoadError(f"{path}: missing; run `xmr index build`") from None
+    try:
+        manifest = IndexManifest.model_validate_json(text)
+    except ValidationError as e:
+        raise IndexLoadError(f"{path}: invalid index manifest ({e.error_count()} errors: "
+                             f"{e.errors()[0]['msg']})") from e
+    if manifest.schema_version != SCHEMA_VERSION:
+        raise IndexLoadError(f"{path}: schema_version {manifest.schema_version}, "
+                             f"this reader knows {SCHEMA_VERSION}")
+    return manifest
+
+
+def gpu_faiss_available() -> bool:
+    get_num_gpus = getattr(faiss, "get_num_gpus", None)
+    return get_num_gpus is not None and get_num_gpus() > 0
+
+
+class FaissSearch:
+    """FAISS exact inner-product search (`IndexIDMap(IndexFlatIP)`), on a GPU when asked."""
+
+    def __init__(self, index: faiss.Index, gpu: bool = False) -> None:
+        self.kind = "faiss"
+        if gpu:
+            self._resources = faiss.StandardGpuResources()
+            index = faiss.index_cpu_to_gpu(self._resources, 0, index)
+            self.kind = "faiss-gpu"
+        self.index = index
+
+    def search(self, users: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
+        queries = np.ascontiguousarray(users.detach().float().cpu().numpy())  # (B, D)
+        scores, rows = self.index.search(queries, k)  # (B, k) each; -1 rows where missing
+        return scores, rows
+
+
+def load_index(market_dir: Path, checkpoint: Checkpoint, search: str, device: str) -> MarketIndex:
+    """Read the market's index, refusing one that does not belong to `checkpoint`."""
+    manifest = read_index_manifest(market_dir)
+    expected = checkpoint.manifest.weights_sha256
+    if manifest.weights_sha256 != expected:
+        raise IndexMismatchError(
+            f"{market_dir / INDEX_MANIFEST}: built from weights {manifest.weights_sha256[:12]}, "
+            f"but the checkpoint holds {expected[:12]}; rebuild with `xmr index build`"
+        )
+    path = market_dir / manifest.index_file
+    if path.parent != market_dir or not path.name.startswith("index-"):
+        raise IndexLoadError(
+            f"{market_dir / INDEX_MANIFEST}: bad index_file {manifest.index_file!r}"
+        )
+    if not path.is_file():
+        raise IndexLoadError(f"{path}: missing (named by {INDEX_MANIFEST})")
+    if file_sha256(path) != manifest.sha256:
+        raise IndexLoadError(f"{path}: sha256 does not match {INDEX_MANIFEST} (corrupt file)")
+    try:
+        index = faiss.read_index(str(path))  # keep this owner alive: downcasts borrow from it
+    except RuntimeError as e:
+        raise IndexLoadError(f"{path}: unreadable FAISS index ({e})") from e
+    if not isinstance(index, faiss.IndexIDMap):
+        raise IndexLoadError(
+            f"{path}: expected IndexIDMap(IndexFlatIP), got {type(index).__name__}"
+        )
+    flat = faiss.downcast_index(index.index)
+    rows = faiss.vector_to_array(index.id_map).astype(np.int64)  # (N,)
+    vectors = flat.reconstruct_n(0, index.ntotal)  # (N, D)
+    sold = checkpoint.market_items or {}
+    expected_rows = set(checkpoint.vocab.indices(sold))
+    if index.d != checkpoint.manifest.model_config.d_model or set(rows.tolist()) != expected_rows:
+        raise IndexMismatchError(f"{path}: items or width differ from the checkpoint's market")
+    position = np.full(checkpoint.vocab.n_rows, -1, dtype=np.int64)
+    position[rows] = np.arange(len(rows))
+    backend: Search
+    if search == "faiss" and (device == "cpu" or gpu_faiss_available()):
+        backend = FaissSearch(index, gpu=device != "cpu")
+    else:  # torch search, or a GPU without FAISS GPU: exact top-K in torch on the device
+        backend = TorchSearch(rows, vectors, device)
+    return MarketIndex(manifest, rows, vectors, position, backend)
+

@@ -1,0 +1,54 @@
+"""Service settings: one typed pydantic-settings class read from `XMR_*` environment variables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Everything the service reads from its environment; tests pass their own instance."""
+
+    model_config = SettingsConfigDict(env_prefix="XMR_", extra="ignore")
+
+    artifacts: Path = Field(default=Path("artifacts"), description="Output of `xmr train`.")
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    redis_url: str | None = Field(
+        default=None, description="Redis URL for sessions; None = in-process store."
+    )
+    redis_pool_size: int = Field(default=16, ge=1, description="Connections in the Redis pool.")
+    redis_timeout_s: float = Field(
+        default=0.5, gt=0, description="Redis connect, socket and pool-wait timeout."
+    )
+    session_ttl_s: int = Field(default=86400, ge=1)
+    session_max_items: int = Field(default=50, ge=1)
+    max_k: int = Field(default=100, ge=1)
+    max_request_items: int = Field(default=500, ge=1)
+    max_body_bytes: int = Field(default=65536, ge=1)
+    admin_token: str | None = Field(
+        default=None, description="Bearer token of POST /admin/reload; None disables it."
+    )
+    device: Literal["cpu", "cuda", "auto"] = "cpu"
+    search: Literal["faiss", "torch"] = "faiss"
+    torch_threads: int = Field(default=1, ge=1, description="torch.set_num_threads in the server.")
+    markets: Annotated[list[str] | None, NoDecode] = Field(
+        default=None, description="Comma list of markets to serve (default: all built ones)."
+    )
+    batch_max: int = Field(
+        default=1, ge=1, description="Most requests merged into one encoder call (1 = off)."
+    )
+    batch_wait_ms: float = Field(
+        default=0.0, ge=0, description="How long a batch waits for more requests to join."
+    )
+    reload_on_sighup: bool = Field(default=True, description="Reload on SIGHUP (main thread).")
+
+    @field_validator("markets", mode="before")
+    @classmethod
+    def _split_markets(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [m.strip() for m in value.split(",") if m.strip()] or None
+        return value
