@@ -106,3 +106,7 @@ def demo_command(
         result = run_demo(workdir or Path(tmp))
         typer.echo(f"POST /markets/{result.market}/recommend {json.dumps(result.request)}")
         typer.echo(json.dumps(result.response, indent=2))
+
+
+if __name__ == "__main__":
+    app()
