@@ -115,3 +115,68 @@ def make_service_client(service_artifacts: Path):  # type: ignore[no-untyped-def
             yield client
 
     return make
+
+
+# --- training fixtures: tiny synthetic markets, a tiny training config, the real data -------
+
+
+@pytest.fixture(scope="session")
+def synthetic_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The default synthetic markets (aa, bb, cc; 300 items, ~4K interactions), read-only.
+
+    Each market has enough items for 99 sampled negatives per user (the `forec` protocol).
+    """
+    from training.synthetic import SyntheticSpec, write_synthetic
+
+    out = tmp_path_factory.mktemp("synthetic")
+    write_synthetic(out, SyntheticSpec())
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_train_config():  # type: ignore[no-untyped-def]
+    """A TrainConfig small enough that a whole experiment runs in seconds on one CPU thread."""
+    from training.config import FitConfig, TrainConfig
+
+    return TrainConfig(
+        d_model=16, n_layers=1, n_heads=2, d_ff=32, dropout=0.1, threads=1,
+        pretrain=FitConfig(max_epochs=2, batch_size=32),
+        finetune=FitConfig(lr=5e-4, max_epochs=1, batch_size=32, validate_start=True),
+    )
+
+
+TINY_CONFIG_TOML = """\
+d_model = 16
+n_layers = 1
+n_heads = 2
+d_ff = 32
+dropout = 0.1
+threads = 1
+
+[pretrain]
+max_epochs = 2
+batch_size = 32
+
+[finetune]
+max_epochs = 1
+batch_size = 32
+"""
+
+
+@pytest.fixture
+def tiny_config_file(tmp_path: Path) -> Path:
+    """The tiny training config as a TOML file, for CLI tests."""
+    path = tmp_path / "tiny.toml"
+    path.write_text(TINY_CONFIG_TOML, encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def xmarket_dir() -> Path:
+    """The real XMarket files from XMR_DATA_DIR; the test is skipped when it is unset."""
+    import os
+
+    value = os.environ.get("XMR_DATA_DIR")
+    if not value:
+        pytest.skip("XMR_DATA_DIR not set (the real XMarket files)")
+    return Path(value)

@@ -27,7 +27,8 @@ DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N or a
 SepOpt = Annotated[str | None, typer.Option("--sep", help="Column separator (default whitespace).")]
 PatternOpt = Annotated[str, typer.Option("--pattern", help="File name pattern; * is the market.")]
 ColumnsOpt = Annotated[
-    str | None, typer.Option("--columns", help="Comma-separated column names for header-less files.")
+    str | None,
+    typer.Option("--columns", help="Comma-separated column names for header-less files."),
 ]
 UserColOpt = Annotated[str, typer.Option("--user-col", help="User id column.")]
 ItemColOpt = Annotated[str, typer.Option("--item-col", help="Item id column.")]
@@ -66,7 +67,9 @@ def train_command(
     data: DataOpt,
     out: Annotated[Path, typer.Option("--out", help="Artifacts directory to write.")],
     markets: MarketsOpt = None,
-    split: Annotated[str, typer.Option("--split", help="full, acmr or none (production).")] = "none",
+    split: Annotated[
+        str, typer.Option("--split", help="full, acmr or none (production).")
+    ] = "none",
     seed: Annotated[int, typer.Option("--seed")] = 0,
     config: ConfigOpt = None,
     device: DeviceOpt = "cpu",
@@ -115,3 +118,49 @@ def synthetic_command(
 
     for path in write_synthetic(out, SyntheticSpec(seed=seed)):
         typer.echo(f"wrote {path}")
+
+
+@app.command("experiment")
+def experiment_command(
+    data: DataOpt,
+    out: Annotated[Path, typer.Option("--out", help="Directory for results, reports and plots.")],
+    protocol: Annotated[
+        list[str],
+        typer.Option("--protocol", help="full, forec or acmr; repeat it or give a comma list."),
+    ],
+    seeds: Annotated[int, typer.Option("--seeds", min=1, help="Run seeds 0..N-1.")] = 5,
+    markets: MarketsOpt = None,
+    config: ConfigOpt = None,
+    device: DeviceOpt = "cpu",
+    pattern: PatternOpt = "*_5core.txt",
+    sep: SepOpt = None,
+    columns: ColumnsOpt = None,
+    user_col: UserColOpt = "userId",
+    item_col: ItemColOpt = "itemId",
+    date_col: DateColOpt = "date",
+) -> None:
+    """Train and score Bert4XMR and the baselines per market; write results, report and plots.
+
+    With one protocol the outputs go to OUT; with several to OUT/<protocol>. `full` and `forec`
+    share a split, so their models are trained once per seed.
+    """
+    from training.data import read_dataset
+    from training.experiment import ExperimentError, parse_protocols, run_experiment
+    from training.report import output_dirs, write_outputs
+
+    try:
+        protocols = parse_protocols(protocol)
+        train_config = load_config(config)
+        options = loader_options(pattern, sep, columns, user_col, item_col, date_col)
+        dataset = read_dataset(data, parse_markets(markets), options)
+        set_threads(train_config.threads)
+        dirs = output_dirs(out, protocols)
+        results = run_experiment(
+            dataset, protocols, list(range(seeds)), train_config,
+            {p: d / "negatives" for p, d in dirs.items()}, device_for(device),
+        )
+        for name, result in results.items():
+            for path in write_outputs(result, dirs[name]):
+                typer.echo(f"wrote {path}")
+    except (ConfigError, DataError, ExperimentError) as e:
+        raise fail(str(e)) from e

@@ -1,0 +1,83 @@
+"""Non-neural baselines of the evaluation harness: most-popular and item-to-item ItemKNN.
+
+Both return a `Scorer` (sessions -> (B, N) scores), so they are ranked by the same
+`rank_split` path, on the same candidates, as Bert4XMR.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from training.evaluate import Scorer
+from training.split import MarketSplit
+
+
+def popularity(split: MarketSplit, n_rows: int) -> torch.Tensor:
+    """Training interactions per item row in the split's market: (N,) float64."""
+    counts = torch.zeros(n_rows, dtype=torch.float64)
+    rows = [row for seq in split.train for row in seq]
+    if rows:
+        counts.index_add_(0, torch.as_tensor(rows), torch.ones(len(rows), dtype=torch.float64))
+    return counts
+
+
+def pop_scorer(split: MarketSplit, n_rows: int) -> Scorer:
+    """The market's most-popular list, the same for every session.
+
+    Equal counts are broken by a fixed order (lower row first), added as a fraction below 1 so
+    it never reorders different counts. Without it every tied item would count against the
+    target (metrics are pessimistic about ties); with it the target gets one fixed, arbitrary
+    place among its equals, as a served most-popular list would.
+    """
+    rows = torch.arange(n_rows, dtype=torch.float64)
+    scores = popularity(split, n_rows) + (n_rows - rows) / (2.0 * n_rows)  # (N,)
+
+    def score(sessions: list[list[int]]) -> torch.Tensor:
+        return scores.expand(len(sessions), -1)  # (B, N)
+
+    return score
+
+
+def cooccurrence_similarity(sequences: Sequence[Sequence[int]], n_rows: int) -> torch.Tensor:
+    """Cosine item-item similarity of item occurrence over users, as a sparse COO (N, N).
+
+    sim(i, j) = |users with i and j| / sqrt(|users with i| * |users with j|), diagonal zero.
+    """
+    pairs: list[np.ndarray] = []
+    per_item = np.zeros(n_rows, dtype=np.float64)
+    for seq in sequences:
+        distinct = np.unique(np.asarray(seq, dtype=np.int64))
+        per_item[distinct] += 1.0
+        if len(distinct) > 1:
+            i, j = np.meshgrid(distinct, distinct, indexing="ij")
+            off = i != j
+            pairs.append(i[off] * n_rows + j[off])
+    keys, counts = np.unique(np.concatenate(pairs) if pairs else np.zeros(0, np.int64),
+                             return_counts=True)
+    i, j = keys // n_rows, keys % n_rows
+    values = counts / np.sqrt(per_item[i] * per_item[j])
+    return torch.sparse_coo_tensor(
+        torch.as_tensor(np.stack([i, j])), torch.as_tensor(values, dtype=torch.float32),
+        (n_rows, n_rows), is_coalesced=True, check_invariants=True,
+    )
+
+
+def itemknn_scorer(similarity: torch.Tensor) -> Scorer:
+    """Score of item i = sum of its similarities to the session's items.
+
+    Items similar to none of the session's items all score 0; they tie, and ties count against
+    the target, so ItemKNN gets no credit for an item it cannot place.
+    """
+    n_rows = similarity.shape[0]
+
+    def score(sessions: list[list[int]]) -> torch.Tensor:
+        present = torch.zeros(n_rows, len(sessions), dtype=torch.float32)  # (N, B)
+        for b, session in enumerate(sessions):
+            if session:
+                present[torch.as_tensor(session, dtype=torch.long), b] = 1.0
+        return torch.sparse.mm(similarity, present).T.contiguous()  # (B, N); sim is symmetric
+
+    return score

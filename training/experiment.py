@@ -1,0 +1,262 @@
+"""The evaluation harness behind `xmr experiment`: train Bert4XMR and the baselines per seed,
+score every model once on each market's test items, and aggregate over seeds.
+
+`full` and `forec` share one time-ordered split, so their models are trained once per seed and
+scored under both; `acmr` has its own (seeded, shuffled) split.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from training.baselines import cooccurrence_similarity, itemknn_scorer, pop_scorer
+from training.config import TrainConfig
+from training.data import Dataset
+from training.evaluate import Scorer, model_scorer, rank_split
+from training.metrics import METRIC_NAMES, summarize
+from training.model import Bert4XMR
+from training.negatives import NegativeStore
+from training.split import PROTOCOLS, MarketSplit, split_market
+from training.train import Prepared, finetune, fit, new_model, prepare, pretrain
+
+logger = logging.getLogger(__name__)
+
+MODELS = ("bert4xmr", "global_only", "no_market_emb", "target_only", "pop", "itemknn")
+TRAIN_SPLIT = {"full": "full", "forec": "full", "acmr": "acmr"}  # protocol -> split trained on
+
+Metrics = dict[str, float]
+
+
+class ExperimentError(ValueError):
+    """An experiment that cannot run as asked (bad protocol list, stale negatives, ...)."""
+
+
+@dataclass
+class ProtocolResult:
+    """Everything measured for one protocol: test metrics per seed, market and model."""
+
+    protocol: str
+    markets: list[str]
+    seeds: list[int] = field(default_factory=list)
+    runs: dict[int, dict[str, dict[str, Metrics]]] = field(default_factory=dict)
+    n_users: dict[str, int] = field(default_factory=dict)
+    train_seconds: float = 0.0
+    train_seconds_by_model: dict[str, float] = field(default_factory=dict)
+    shared_with: list[str] = field(default_factory=list)  # protocols scored on the same models
+    market_similarity: list[np.ndarray] = field(default_factory=list)  # one per seed
+    config: dict[str, object] = field(default_factory=dict)
+    device: str = "cpu"
+
+    def aggregate(self) -> dict[str, dict[str, dict[str, dict[str, float]]]]:
+        """market -> model -> metric -> {mean, std} over seeds (std: sample, 0 for one seed)."""
+        return {
+            market: {
+                model: _mean_std([self.runs[s][market][model] for s in self.seeds])
+                for model in MODELS
+            }
+            for market in self.markets
+        }
+
+    def market_mean(self) -> dict[str, dict[str, dict[str, float]]]:
+        """model -> metric -> {mean, std} over seeds of the unweighted mean over markets."""
+        out = {}
+        for model in MODELS:
+            per_seed = [
+                {k: float(np.mean([self.runs[s][m][model][k] for m in self.markets]))
+                 for k in METRIC_NAMES}
+                for s in self.seeds
+            ]
+            out[model] = _mean_std(per_seed)
+        return out
+
+    def similarity(self) -> np.ndarray:
+        """Cosine similarity of the global model's market embeddings, averaged over seeds."""
+        return np.mean(np.stack(self.market_similarity), axis=0)
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "protocol": self.protocol,
+            "seeds": self.seeds,
+            "train_seconds": round(self.train_seconds, 3),
+            "markets": self.aggregate(),
+            "market_mean": self.market_mean(),
+            "n_test_users": self.n_users,
+            "train_seconds_by_model": {
+                k: round(v, 3) for k, v in self.train_seconds_by_model.items()
+            },
+            "train_shared_with": self.shared_with,
+            "market_similarity": {
+                "markets": self.markets,
+                "cosine": np.round(self.similarity(), 4).tolist(),
+            },
+            "per_seed": {str(s): self.runs[s] for s in self.seeds},
+            "config": self.config,
+            "device": self.device,
+        }
+
+
+def _mean_std(runs: list[Metrics]) -> dict[str, dict[str, float]]:
+    out = {}
+    for key in METRIC_NAMES:
+        values = np.asarray([run[key] for run in runs], dtype=np.float64)
+        std = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+        out[key] = {"mean": round(float(values.mean()), 6), "std": round(std, 6)}
+    return out
+
+
+def parse_protocols(values: list[str]) -> list[str]:
+    """Protocol names from repeated and/or comma-separated options, in the canonical order."""
+    names = {name.strip() for value in values for name in value.split(",") if name.strip()}
+    unknown = sorted(names - set(PROTOCOLS))
+    if unknown or not names:
+        raise ExperimentError(f"unknown protocol(s) {unknown}; choose from {list(PROTOCOLS)}")
+    return [p for p in PROTOCOLS if p in names]
+
+
+def market_cosine(model: Bert4XMR) -> np.ndarray:
+    """Cosine similarity (M, M) of the rows of a model's market embedding."""
+    rows = model.market_emb.weight.detach().float().cpu()  # (M, D)
+    unit = rows / rows.norm(dim=1, keepdim=True).clamp(min=1e-12)
+    return (unit @ unit.T).numpy()
+
+
+def _eval_splits(prepared: Prepared, protocol: str, seed: int) -> dict[str, MarketSplit]:
+    """The splits scored under `protocol`: the training splits, or `forec` candidates on them."""
+    if prepared.splits[prepared.markets[0]].protocol == protocol:
+        return prepared.splits
+    all_items = np.arange(1, prepared.vocab.n_rows, dtype=np.int64)
+    return {
+        m: split_market(prepared.dataset.markets[m], prepared.vocab, protocol, seed, all_items)
+        for m in prepared.markets
+    }
+
+
+@dataclass
+class Stopwatch:
+    """Wall-clock seconds of training, summed per model name."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def time(self, name: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - started
+
+
+def run_seed(
+    dataset: Dataset,
+    protocols: list[str],
+    seed: int,
+    config: TrainConfig,
+    stores: dict[str, NegativeStore],
+    device: str = "cpu",
+) -> tuple[dict[str, dict[str, dict[str, Metrics]]], dict[str, float], np.ndarray, dict[str, int]]:
+    """Train every model on one split and seed; score each on the test items of `protocols`.
+
+    Returns protocol -> market -> model -> metrics, training seconds per model, the global
+    model's market cosine similarity, and the number of test users per market.
+    """
+    split_name = TRAIN_SPLIT[protocols[0]]
+    assert all(TRAIN_SPLIT[p] == split_name for p in protocols)
+    config = config.with_overrides(seed=seed)
+    prepared = prepare(dataset, split_name, seed)
+    evals = {p: _eval_splits(prepared, p, seed) for p in protocols}
+    for protocol, splits in evals.items():
+        if protocol in stores:  # sampled candidates: persist, or reuse and verify, per market
+            for split in splits.values():
+                stores[protocol].sync(split, dataset.fingerprint)
+    watch = Stopwatch()
+    n_rows = prepared.vocab.n_rows
+    plain_config = config.with_overrides(market_embedding=False)
+    with watch.time("bert4xmr"):
+        global_model, _ = pretrain(prepared, config, device)
+    with watch.time("no_market_emb"):
+        plain_global, _ = pretrain(prepared, plain_config, device)
+    with watch.time("itemknn"):
+        train_seqs = [seq for m in prepared.markets for seq in prepared.splits[m].train]
+        knn = itemknn_scorer(cooccurrence_similarity(train_seqs, n_rows))
+
+    out: dict[str, dict[str, dict[str, Metrics]]] = {p: {} for p in protocols}
+    for row, market in enumerate(prepared.markets):
+        with watch.time("bert4xmr"):
+            tuned, _ = finetune(global_model, prepared, market, config, device)
+        with watch.time("no_market_emb"):
+            plain, _ = finetune(plain_global, prepared, market, plain_config, device)
+        with watch.time("target_only"):  # from scratch on the market alone: no pre-training
+            target = new_model(prepared, config)
+            fit(target, [(prepared.splits[market], row)], config.pretrain, seed,
+                f"target-{market}", device)
+        scorers: dict[str, Scorer] = {
+            "bert4xmr": model_scorer(tuned, row, device),
+            "global_only": model_scorer(global_model, row, device),
+            "no_market_emb": model_scorer(plain, row, device),
+            "target_only": model_scorer(target, row, device),
+            "pop": pop_scorer(prepared.splits[market], n_rows),
+            "itemknn": knn,
+        }
+        for protocol in protocols:
+            split = evals[protocol][market]
+            out[protocol][market] = {}
+            for name in MODELS:
+                metrics = summarize(rank_split(split, scorers[name], "test"))  # test: once
+                out[protocol][market][name] = metrics
+                logger.info(
+                    "experiment protocol=%s seed=%d market=%s model=%s users=%d hr@10=%.4f "
+                    "ndcg@10=%.4f", protocol, seed, market, name, len(split.eval_users),
+                    metrics["hr@10"], metrics["ndcg@10"],
+                )
+    n_users = {m: len(prepared.splits[m].eval_users) for m in prepared.markets}
+    return out, watch.seconds, market_cosine(global_model), n_users
+
+
+def run_experiment(
+    dataset: Dataset,
+    protocols: list[str],
+    seeds: list[int],
+    config: TrainConfig,
+    negatives_dirs: dict[str, Path],
+    device: str = "cpu",
+) -> dict[str, ProtocolResult]:
+    """Run every protocol over `seeds`; models are trained once per seed and split."""
+    if not seeds:
+        raise ExperimentError("need at least one seed")
+    protocols = parse_protocols(protocols)
+    stores = {p: NegativeStore(negatives_dirs[p]) for p in protocols if p != "full"}
+    results = {
+        p: ProtocolResult(p, dataset.market_codes, config=config.to_dict(), device=device)
+        for p in protocols
+    }
+    groups: dict[str, list[str]] = {}
+    for protocol in protocols:
+        groups.setdefault(TRAIN_SPLIT[protocol], []).append(protocol)
+    for group in groups.values():
+        for protocol in group:
+            results[protocol].shared_with = [p for p in group if p != protocol]
+        for seed in seeds:
+            logger.info("experiment split=%s protocols=%s seed=%d", TRAIN_SPLIT[group[0]],
+                        ",".join(group), seed)
+            metrics, seconds, similarity, n_users = run_seed(
+                dataset, group, seed, config, stores, device
+            )
+            for protocol in group:
+                result = results[protocol]
+                result.seeds.append(seed)
+                result.runs[seed] = metrics[protocol]
+                result.n_users = n_users
+                result.market_similarity.append(similarity)
+                result.train_seconds += sum(seconds.values())
+                for name, value in seconds.items():
+                    result.train_seconds_by_model[name] = (
+                        result.train_seconds_by_model.get(name, 0.0) + value
+                    )
+    return results
