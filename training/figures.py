@@ -61,7 +61,9 @@ def plot_market_similarity(markets: list[str], cosine: np.ndarray, path: Path) -
     ax.set_yticks(range(len(markets)), markets)
     for i in range(len(markets)):
         for j in range(len(markets)):
-            ax.text(j, i, f"{cosine[i, j]:.2f}", ha="center", va="center", fontsize=8)
+            color = "white" if abs(cosine[i, j]) > 0.6 else "black"
+            ax.text(j, i, f"{cosine[i, j]:.2f}", ha="center", va="center", fontsize=8,
+                    color=color)
     ax.set_title("market embedding cosine similarity")
     fig.colorbar(image, ax=ax, shrink=0.8)
     return _save(fig, path)

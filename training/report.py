@@ -90,6 +90,13 @@ NO_PEERS = (
     "No published method was measured with the `full` protocol (full ranking, time split) on "
     "these files, so this report compares Bert4XMR with our own `pop` and `itemknn` baselines."
 )
+SELECTION_TEXT = {
+    "full": "Early stopping uses full-ranking validation NDCG@10.",
+    "forec": "Early stopping uses full-ranking validation NDCG@10 on the time split that "
+             "`forec` shares with `full` (so both protocols score the same models).",
+    "acmr": "Early stopping uses validation NDCG@10 on the validation items' own sampled "
+            "negatives.",
+}
 PROTOCOL_TEXT = {
     "full": "time-ordered leave-one-out; the held-out item ranked against every item sold in "
             "the market, minus the user's training items",
@@ -167,6 +174,15 @@ def _relative_table(result: ProtocolResult) -> list[str]:
     return header + lines if lines else []
 
 
+def _chance_note(result: ProtocolResult) -> str:
+    d_model = result.config.get("d_model")
+    if not isinstance(d_model, int) or d_model < 1:
+        return ""
+    return (f"Untrained (random) rows of width {d_model} would give |cosine| of about "
+            f"1/sqrt({d_model}) = {1 / np.sqrt(d_model):.2f}; only values well beyond that are "
+            "learned similarity.")
+
+
 def render_report(result: ProtocolResult) -> str:
     """report.md: our metrics (mean ± std over seeds) beside the published ones."""
     seeds = ", ".join(str(s) for s in result.seeds)
@@ -180,7 +196,8 @@ def render_report(result: ProtocolResult) -> str:
         f"Test users per market: {result.n_users}. Device: {result.device}. "
         f"Training wall time: {result.train_seconds:.1f} s.{shared}", "",
         "Model selection and early stopping use the validation items only; the test items are "
-        "scored once per model and seed, after training, and never influence a choice.", "",
+        "scored once per model and seed, after training, and never influence a choice. "
+        f"{SELECTION_TEXT[result.protocol]}", "",
         "Models: `bert4xmr` pre-trained on all markets and fine-tuned on the market; "
         "`global_only` the pre-trained model without fine-tuning; `no_market_emb` the same "
         "pipeline without market embeddings; `target_only` Bert4XMR trained on the market alone; "
@@ -207,7 +224,8 @@ def render_report(result: ProtocolResult) -> str:
         "![NDCG@10 per market](ndcg10.png)", "",
         "![Market similarity](market_similarity.png)", "",
         "Market similarity: cosine similarity of the rows of the pre-trained global model's "
-        f"market embedding, averaged over {len(result.seeds)} seed(s).", "",
+        f"market embedding, averaged over {len(result.seeds)} seed(s). {_chance_note(result)}",
+        "",
     ]
     return "\n".join(lines)
 
