@@ -25,3 +25,8 @@ test: install
 lint: install
 	$(BIN)/ruff check training service tests benchmarks
 	$(BIN)/mypy
+
+# Offline checks of the Dockerfile, docker-compose.yml and deploy/ (pinned validators, no engine).
+validate-deploy: install
+	$(BIN)/pip install -q -r deploy/requirements-validate.txt
+	bash deploy/validate.sh
