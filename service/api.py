@@ -225,7 +225,8 @@ async def admin_reload(
     if settings.admin_token is None:
         raise AdminDisabledError("admin endpoints are disabled (no XMR_ADMIN_TOKEN set)")
     expected = f"Bearer {settings.admin_token}"
-    if authorization is None or not secrets.compare_digest(authorization, expected):
+    given = (authorization or "").encode("utf-8", "replace")
+    if not secrets.compare_digest(given, expected.encode()):
         raise ForbiddenError("missing or wrong admin token")
     bundle = await reload_bundle(registry, metrics)
     return await list_markets(bundle)

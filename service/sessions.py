@@ -78,9 +78,9 @@ class MemorySessionStore:
         if self._ops % 1024 == 0:
             self._sweep()
         key = session_key(market, session_id)
-        session = (self._live(key) or []) + list(items)
-        session = session[-self.max_items :]
-        self._sessions[key] = (self._clock() + self.ttl_s, session)
+        session = ((self._live(key) or []) + list(items))[-self.max_items :]
+        if session:  # like Redis: an empty list is no session
+            self._sessions[key] = (self._clock() + self.ttl_s, session)
         return list(session)
 
     async def get(self, market: str, session_id: str) -> list[str]:
