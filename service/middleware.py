@@ -37,7 +37,11 @@ class BodySizeLimit:
             return
         headers = dict(scope["headers"])
         length = headers.get(b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
+        if length is not None and not length.isdigit():
+            await _send_json(send, 400, {"error": "invalid_request",
+                                         "message": "invalid Content-Length header"})
+            return
+        if length is not None and int(length) > self.max_bytes:
             await self._reject(send)
             return
         chunks: list[bytes] = []
