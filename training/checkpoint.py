@@ -180,7 +180,9 @@ def read_manifest(path: Path) -> Manifest:
     if manifest.kind not in ("global", "market"):
         raise CheckpointError(f"{path / MANIFEST}: kind must be 'global' or 'market'")
     if manifest.kind == "market" and manifest.market not in manifest.markets:
-        raise CheckpointError(f"{path / MANIFEST}: market {manifest.market!r} not in {manifest.markets}")
+        raise CheckpointError(
+            f"{path / MANIFEST}: market {manifest.market!r} not in {manifest.markets}"
+        )
     if manifest.model_config.n_markets != len(manifest.markets):
         raise CheckpointError(f"{path / MANIFEST}: n_markets does not match the market list")
     return manifest
@@ -210,7 +212,8 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> Che
         raise CheckpointError(f"{path / ITEMS}: {e}") from e
     if vocab.n_rows != manifest.model_config.n_rows:
         raise CheckpointError(
-            f"{path / ITEMS}: {len(vocab)} items but the model has {manifest.model_config.n_rows - 1}"
+            f"{path / ITEMS}: {len(vocab)} items but the model has "
+            f"{manifest.model_config.n_rows - 1}"
         )
     market_items = None
     if manifest.kind == "market":

@@ -8,8 +8,15 @@ from pathlib import Path
 from typing import Any
 
 MODEL_KEYS = (
-    "d_model", "n_layers", "n_heads", "d_ff", "dropout", "max_len",
-    "market_embedding", "position_embedding",
+    "d_model",
+    "n_layers",
+    "n_heads",
+    "d_ff",
+    "dropout",
+    "max_len",
+    "market_embedding",
+    "position_embedding",
+    "output_projection",
 )
 
 
@@ -28,6 +35,7 @@ class FitConfig:
     patience: int = 3
     mask_prob: float = 0.3
     label_smoothing: float = 0.0
+    hide_last: float = 0.0  # probability of always hiding the newest item (see train._mask_batch)
     validate_start: bool = False  # score the starting weights too (fine-tuning keeps them if best)
 
 
@@ -42,6 +50,7 @@ class TrainConfig:
     max_len: int = 50
     market_embedding: bool = True
     position_embedding: bool = False
+    output_projection: bool = False
     threads: int = 2
     pretrain: FitConfig = field(default_factory=FitConfig)
     finetune: FitConfig = field(

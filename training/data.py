@@ -198,6 +198,9 @@ def read_dataset(
         log = logs[market]
         logger.info(
             "read market=%s users=%d interactions=%d duplicates_dropped=%d",
-            market, len(log.sequences), log.n_interactions, log.n_duplicates,
+            market,
+            len(log.sequences),
+            log.n_interactions,
+            log.n_duplicates,
         )
     return Dataset(logs, digest.hexdigest(), source=str(data_dir), files=files)

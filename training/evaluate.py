@@ -43,31 +43,36 @@ def model_scorer(model: Bert4XMR, market_row: int, device: torch.device | str = 
 
 
 def rank_split(split: MarketSplit, scorer: Scorer, stage: str, batch_size: int = 512) -> np.ndarray:
-    """0-based rank of each evaluated user's held-out item under the split's protocol."""
+    """0-based rank of each evaluated user's held-out item under the split's protocol.
+
+    Users are scored in order of session length, so that a batch pads to similar lengths.
+    """
     histories = split.history(stage)
     targets = split.targets(stage)
     negatives = split.negatives(stage)
-    ranks: list[np.ndarray] = []
+    order = np.argsort([len(h) for h in histories], kind="stable")
+    ranks = np.zeros(len(histories), dtype=np.int64)
     market_mask: torch.Tensor | None = None
-    for start in range(0, len(histories), batch_size):
-        sessions = histories[start : start + batch_size]
-        target = torch.as_tensor(targets[start : start + batch_size])
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        sessions = [histories[i] for i in rows]
+        target = torch.as_tensor(targets[rows])
         scores = scorer(sessions)  # (B, N)
         if negatives is None:  # full ranking over the market's items minus the history
             if market_mask is None:
                 market_mask = torch.zeros(scores.shape[1], dtype=torch.bool)
                 market_mask[torch.as_tensor(split.market_items)] = True
             candidates = market_mask.expand(len(sessions), -1).clone()
-            for b, session in enumerate(sessions):
-                candidates[b, torch.as_tensor(session, dtype=torch.long)] = False
+            history = pad_sessions(sessions, max(len(s) for s in sessions))  # (B, T)
+            candidates.scatter_(1, history, False)  # padding hits row 0, never a candidate
             candidates[torch.arange(len(sessions)), target] = True
-            ranks.append(rank_of_target(scores, target, candidates).numpy())
+            ranks[rows] = rank_of_target(scores, target, candidates).numpy()
         else:
-            cols = torch.cat([target[:, None], torch.as_tensor(negatives[start : start + batch_size])], 1)
-            picked = scores.gather(1, cols)  # (B, 1 + 99)
+            cols = torch.cat([target[:, None], torch.as_tensor(negatives[rows])], 1)  # (B, 100)
+            picked = scores.gather(1, cols)
             ones = torch.ones_like(picked, dtype=torch.bool)
-            ranks.append(rank_of_target(picked, torch.zeros_like(target), ones).numpy())
-    return np.concatenate(ranks) if ranks else np.zeros(0, dtype=np.int64)
+            ranks[rows] = rank_of_target(picked, torch.zeros_like(target), ones).numpy()
+    return ranks
 
 
 def evaluate_split(split: MarketSplit, scorer: Scorer, stage: str) -> dict[str, float]:

@@ -9,7 +9,9 @@ KS = (5, 10, 20)
 METRIC_NAMES = tuple(f"{name}@{k}" for k in KS for name in ("hr", "ndcg"))
 
 
-def rank_of_target(scores: torch.Tensor, target: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+def rank_of_target(
+    scores: torch.Tensor, target: torch.Tensor, candidates: torch.Tensor
+) -> torch.Tensor:
     """0-based rank of each row's target among its candidates; ties count against the target.
 
     scores (B, N), target (B,) column of the target, candidates (B, N) bool, target included.

@@ -30,6 +30,7 @@ class ModelConfig:
     max_len: int = 50
     market_embedding: bool = True
     position_embedding: bool = False
+    output_projection: bool = False  # v_m(i) = W LayerNorm(E_item[i] + E_market[m])
 
     def __post_init__(self) -> None:
         if self.n_rows < 2 or self.n_markets < 1:
@@ -60,11 +61,17 @@ class Bert4XMR(nn.Module):
         self.input_norm = nn.LayerNorm(d)
         self.dropout = nn.Dropout(config.dropout)
         layer = nn.TransformerEncoderLayer(
-            d, config.n_heads, config.d_ff, config.dropout, activation="gelu",
-            batch_first=True, norm_first=True,
+            d,
+            config.n_heads,
+            config.d_ff,
+            config.dropout,
+            activation="gelu",
+            batch_first=True,
+            norm_first=True,
         )
         self.encoder = nn.TransformerEncoder(layer, config.n_layers, enable_nested_tensor=False)
         self.output_norm = nn.LayerNorm(d)
+        self.output_proj = nn.Linear(d, d, bias=False) if config.output_projection else None
         nn.init.normal_(self.item_emb.weight, std=0.02)
         nn.init.normal_(self.market_emb.weight, std=0.02)
         with torch.no_grad():
@@ -83,8 +90,12 @@ class Bert4XMR(nn.Module):
         real = items != PAD  # (B, T)
         x = self.shifted(items, market[:, None])  # (B, T, D)
         if self.position_emb is not None:
-            positions = torch.arange(items.shape[1], device=items.device)
-            x = x + self.position_emb(positions)[None]
+            # Positions count back from the newest item, so recency means the same at any length.
+            lengths = real.sum(1, keepdim=True)  # (B, 1)
+            positions = (lengths - 1 - torch.arange(items.shape[1], device=items.device)).clamp(
+                min=0
+            )
+            x = x + self.position_emb(positions)  # (B, T, D)
         x = self.encoder(self.dropout(x), src_key_padding_mask=~real)  # (B, T, D)
         x = self.output_norm(x)
         weights = real.unsqueeze(-1).to(x.dtype)  # (B, T, 1)
@@ -94,7 +105,10 @@ class Bert4XMR(nn.Module):
         """Market-shifted vectors of every row (N, D); row 0 (padding) is never a candidate."""
         rows = torch.arange(self.config.n_rows, device=self.item_emb.weight.device)
         market_t = torch.as_tensor(market, device=rows.device)
-        return self.shifted(rows, market_t)
+        return self.output_vectors(self.shifted(rows, market_t))
+
+    def output_vectors(self, shifted: torch.Tensor) -> torch.Tensor:
+        return self.output_proj(shifted) if self.output_proj is not None else shifted
 
     def forward(self, items: torch.Tensor, market: torch.Tensor) -> torch.Tensor:
         """Scores of every row for each session: (B, T), (B,) -> (B, N)."""
@@ -102,7 +116,9 @@ class Bert4XMR(nn.Module):
         # One market per batch is the common case; otherwise score per market.
         if bool((market == market[0]).all()):
             return user @ self.item_vectors(market[0]).T  # (B, N)
-        vectors = self.shifted(
-            torch.arange(self.config.n_rows, device=items.device)[None, :], market[:, None]
+        vectors = self.output_vectors(
+            self.shifted(
+                torch.arange(self.config.n_rows, device=items.device)[None, :], market[:, None]
+            )
         )  # (B, N, D)
         return torch.einsum("bd,bnd->bn", user, vectors)

@@ -47,7 +47,9 @@ class MarketSplit:
         if stage == "valid":
             return [self.train[u] for u in self.eval_users]
         if stage == "test":
-            return [self.train[u] + [int(v)] for u, v in zip(self.eval_users, self.valid)]
+            return [
+                self.train[u] + [int(v)] for u, v in zip(self.eval_users, self.valid, strict=True)
+            ]
         raise ValueError(f"stage must be 'valid' or 'test', not {stage!r}")
 
     def targets(self, stage: str) -> np.ndarray:
@@ -103,7 +105,9 @@ def split_market(
     if protocol == "none":
         eligible = [i for i, u in enumerate(users) if len(log.sequences[u]) >= MIN_EVAL_ITEMS]
         n_hold = max(1, round(holdout_frac * len(eligible))) if eligible else 0
-        holdout = set(rng.choice(eligible, size=n_hold, replace=False).tolist()) if n_hold else set()
+        holdout = (
+            set(rng.choice(eligible, size=n_hold, replace=False).tolist()) if n_hold else set()
+        )
     train: list[list[int]] = []
     eval_users: list[int] = []
     valid: list[int] = []
@@ -129,9 +133,15 @@ def split_market(
             train.append(rows)
     market_items = np.asarray(sorted(vocab.indices(log.items)), dtype=np.int64)
     split = MarketSplit(
-        log.market, protocol, seed, users, train,
-        np.asarray(eval_users, dtype=np.int64), np.asarray(valid, dtype=np.int64),
-        np.asarray(test, dtype=np.int64), market_items,
+        log.market,
+        protocol,
+        seed,
+        users,
+        train,
+        np.asarray(eval_users, dtype=np.int64),
+        np.asarray(valid, dtype=np.int64),
+        np.asarray(test, dtype=np.int64),
+        market_items,
     )
     if protocol in ("forec", "acmr"):
         if protocol == "acmr" and all_items is None:
@@ -144,6 +154,10 @@ def split_market(
             where = f"market {log.market} user {users[u]}"
             valid_negs.append(_sample_negatives(neg_rng, pool, user_items, N_NEGATIVES, where))
             test_negs.append(_sample_negatives(neg_rng, pool, user_items, N_NEGATIVES, where))
-        split.valid_negatives = np.stack(valid_negs) if valid_negs else np.zeros((0, N_NEGATIVES), np.int64)
-        split.test_negatives = np.stack(test_negs) if test_negs else np.zeros((0, N_NEGATIVES), np.int64)
+        split.valid_negatives = (
+            np.stack(valid_negs) if valid_negs else np.zeros((0, N_NEGATIVES), np.int64)
+        )
+        split.test_negatives = (
+            np.stack(test_negs) if test_negs else np.zeros((0, N_NEGATIVES), np.int64)
+        )
     return split

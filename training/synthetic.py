@@ -34,7 +34,7 @@ def generate(spec: SyntheticSpec) -> dict[str, list[tuple[str, str, float, str]]
     item_ids = [f"I{n:05d}" for n in range(spec.n_items)]
     out: dict[str, list[tuple[str, str, float, str]]] = {}
     start = date(2020, 1, 1)
-    for m, (market, n_users) in enumerate(zip(spec.markets, spec.users)):
+    for m, (market, n_users) in enumerate(zip(spec.markets, spec.users, strict=True)):
         sold = np.flatnonzero(rng.random(spec.n_items) < 0.8)
         topic_pref = rng.dirichlet(np.full(spec.n_topics, 0.5))
         rows: list[tuple[str, str, float, str]] = []

@@ -44,36 +44,58 @@ class FitResult:
 def _batches(
     splits: list[tuple[MarketSplit, int]], batch_size: int, rng: np.random.Generator
 ) -> list[tuple[int, list[list[int]]]]:
-    """Shuffled batches of training sequences, one market per batch."""
+    """Shuffled batches of training sequences, one market per batch.
+
+    Users are shuffled, then sorted by length inside windows of 16 batches, so that a batch
+    pads to a similar length (sessions are mostly short, a few are long).
+    """
     out: list[tuple[int, list[list[int]]]] = []
     for split, market_row in splits:
         seqs = [s for s in split.train if len(s) >= 2]
         order = rng.permutation(len(seqs))
-        for start in range(0, len(seqs), batch_size):
-            out.append((market_row, [seqs[i] for i in order[start : start + batch_size]]))
+        window = 16 * batch_size
+        for w in range(0, len(order), window):
+            chunk = sorted(order[w : w + window], key=lambda i: len(seqs[i]))
+            for start in range(0, len(chunk), batch_size):
+                out.append((market_row, [seqs[i] for i in chunk[start : start + batch_size]]))
     return [out[i] for i in rng.permutation(len(out))]
 
 
 def _mask_batch(
-    seqs: list[list[int]], max_len: int, mask_prob: float, rng: np.random.Generator
+    seqs: list[list[int]],
+    max_len: int,
+    mask_prob: float,
+    rng: np.random.Generator,
+    hide_last: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Split each sequence into visible inputs and hidden targets (each at least one item)."""
+    """Split each sequence into visible inputs and hidden targets (each at least one item).
+
+    With probability `hide_last` the newest item is always hidden: under a time split the
+    held-out item is the newest one, and this puts more of that task into training.
+    """
     visible: list[list[int]] = []
     hidden: list[list[int]] = []
     for seq in seqs:
         seq = seq[-(max_len + 1) :]
         hide = rng.random(len(seq)) < mask_prob
+        if hide_last and rng.random() < hide_last:
+            hide[-1] = True
         if hide.all():
             hide[rng.integers(len(seq))] = False
         if not hide.any():
             hide[rng.integers(len(seq))] = True
-        visible.append([r for r, h in zip(seq, hide) if not h])
-        hidden.append([r for r, h in zip(seq, hide) if h])
+        visible.append([r for r, h in zip(seq, hide, strict=True) if not h])
+        hidden.append([r for r, h in zip(seq, hide, strict=True) if h])
     return pad_sessions(visible, max_len), pad_sessions(hidden, max_len + 1)
 
 
-def _loss(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor, market_row: int,
-          label_smoothing: float) -> torch.Tensor:
+def _loss(
+    model: torch.nn.Module,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    market_row: int,
+    label_smoothing: float,
+) -> torch.Tensor:
     market = torch.full((inputs.shape[0],), market_row, dtype=torch.long, device=inputs.device)
     logits = model(inputs, market)  # (B, N)
     logits = logits.index_fill(1, torch.tensor([PAD], device=logits.device), float("-inf"))
@@ -96,7 +118,9 @@ def _progress(items: list, description: str) -> Iterator:
     yield from track(items, description=description, transient=True)
 
 
-def validate(model: Bert4XMR, splits: list[tuple[MarketSplit, int]], device: str) -> dict[str, float]:
+def validate(
+    model: Bert4XMR, splits: list[tuple[MarketSplit, int]], device: str
+) -> dict[str, float]:
     """Validation NDCG@10 per market and `mean` weighted by evaluated users."""
     scores: dict[str, float] = {}
     total, weight = 0.0, 0
@@ -129,7 +153,8 @@ def fit(
     wrapped = dist.wrap(model)
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad],
-        lr=config.lr, weight_decay=config.weight_decay,
+        lr=config.lr,
+        weight_decay=config.weight_decay,
     )
     best = validate(model, splits, device)["mean"] if config.validate_start else -1.0
     best_state = copy.deepcopy(model.state_dict())
@@ -140,9 +165,12 @@ def fit(
         batches = dist.shard(_batches(splits, config.batch_size, rng))
         total, n = 0.0, 0
         for market_row, seqs in _progress(batches, f"{name} epoch {epoch}"):
-            inputs, targets = _mask_batch(seqs, model.config.max_len, config.mask_prob, rng)
-            loss = _loss(wrapped, inputs.to(device), targets.to(device), market_row,
-                         config.label_smoothing)
+            inputs, targets = _mask_batch(
+                seqs, model.config.max_len, config.mask_prob, rng, config.hide_last
+            )
+            loss = _loss(
+                wrapped, inputs.to(device), targets.to(device), market_row, config.label_smoothing
+            )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -151,8 +179,13 @@ def fit(
         epochs_run = epoch
         scores = validate(model, splits, device)
         history.append({"epoch": epoch, "loss": total / max(n, 1), **scores})
-        logger.info("fit=%s epoch=%d loss=%.4f valid_ndcg@10=%.4f", name, epoch,
-                    total / max(n, 1), scores["mean"])
+        logger.info(
+            "fit=%s epoch=%d loss=%.4f valid_ndcg@10=%.4f",
+            name,
+            epoch,
+            total / max(n, 1),
+            scores["mean"],
+        )
         if scores["mean"] > best:
             best, best_epoch, stale = scores["mean"], epoch, 0
             best_state = copy.deepcopy(model.state_dict())
@@ -180,7 +213,8 @@ def prepare(dataset: Dataset, split: str, seed: int) -> Prepared:
     markets = dataset.market_codes
     all_items = np.arange(1, vocab.n_rows, dtype=np.int64)
     splits = {
-        m: split_market(dataset.markets[m], vocab, split, seed, all_items=all_items) for m in markets
+        m: split_market(dataset.markets[m], vocab, split, seed, all_items=all_items)
+        for m in markets
     }
     return Prepared(dataset, vocab, markets, splits)
 
@@ -222,8 +256,15 @@ def finetune(
 ) -> tuple[Bert4XMR, FitResult]:
     model = copy.deepcopy(global_model)
     row = prepared.markets.index(market)
-    result = fit(model, [(prepared.splits[market], row)], config.finetune, config.seed + row,
-                 f"finetune-{market}", device, dist)
+    result = fit(
+        model,
+        [(prepared.splits[market], row)],
+        config.finetune,
+        config.seed + row,
+        f"finetune-{market}",
+        device,
+        dist,
+    )
     return model, result
 
 
@@ -246,8 +287,10 @@ def train_markets(
         "train_config": {**config.to_dict(), "split": split},
     }
     global_manifest = Manifest(
-        kind="global", model_config=global_model.config,
-        metrics={"valid_ndcg@10": global_result.best_metric}, **base,  # type: ignore[arg-type]
+        kind="global",
+        model_config=global_model.config,
+        metrics={"valid_ndcg@10": global_result.best_metric},
+        **base,  # type: ignore[arg-type]
     )
     if dist.is_main:
         save_checkpoint(out / "global", global_model, prepared.vocab, global_manifest)
@@ -256,11 +299,19 @@ def train_markets(
         results[market] = result
         if dist.is_main:
             manifest = Manifest(
-                kind="market", model_config=model.config, market=market,
+                kind="market",
+                model_config=model.config,
+                market=market,
                 parent={"path": "../../global", "weights_sha256": global_manifest.weights_sha256},
-                metrics={"valid_ndcg@10": result.best_metric}, **base,  # type: ignore[arg-type]
+                metrics={"valid_ndcg@10": result.best_metric},
+                **base,  # type: ignore[arg-type]
             )
-            save_checkpoint(out / "markets" / market, model, prepared.vocab, manifest,
-                            market_counts(prepared.splits[market], prepared.vocab))
+            save_checkpoint(
+                out / "markets" / market,
+                model,
+                prepared.vocab,
+                manifest,
+                market_counts(prepared.splits[market], prepared.vocab),
+            )
     dist.barrier()
     return results
