@@ -38,8 +38,11 @@ class Settings(BaseSettings):
     markets: Annotated[list[str] | None, NoDecode] = Field(
         default=None, description="Comma list of markets to serve (default: all built ones)."
     )
+    # On by default: with concurrency >= 8 one encoder call per batch served 5-20x the
+    # requests/s of one call per request (CPU and CUDA); with wait 0 a lone request does not
+    # wait, batches form from what queues while the previous batch runs.
     batch_max: int = Field(
-        default=1, ge=1, description="Most requests merged into one encoder call (1 = off)."
+        default=32, ge=1, description="Most requests merged into one encoder call (1 = off)."
     )
     batch_wait_ms: float = Field(
         default=0.0, ge=0, description="How long a batch waits for more requests to join."

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 import torch
 
@@ -162,7 +163,12 @@ def test_reload_under_concurrent_requests_never_fails_or_mixes(make_service_clie
     assert new["model_version"] == new_model != old["model_version"]
     assert any(model == new_model for _, model, _, _ in seen[n_at_reload:])
     for pair in pairs:  # each version answers one way: no response mixes two models
-        assert len({items for _, m, i, items in seen if (m, i) == pair}) == 1
+        answers = [json.loads(items) for _, m, i, items in seen if (m, i) == pair]
+        first = answers[0]
+        for answer in answers[1:]:  # batch sizes vary, so scores may differ in the last bits
+            assert [x["item_id"] for x in answer] == [x["item_id"] for x in first]
+            np.testing.assert_allclose([x["score"] for x in answer],
+                                       [x["score"] for x in first], rtol=1e-5)
 
 
 @pytest.mark.slow

@@ -79,7 +79,7 @@ def test_app_with_batching_serves_the_same_ranking(make_service_client,
     with make_service_client(batch_max=8, batch_wait_ms=1) as client:
         batched = client.post("/markets/cc/recommend", json={"items": session}).json()
         metrics = client.get("/metrics").text
-    with make_service_client() as client:
+    with make_service_client(batch_max=1) as client:
         plain = client.post("/markets/cc/recommend", json={"items": session}).json()
     assert [i["item_id"] for i in batched["items"]] == [i["item_id"] for i in plain["items"]]
     assert "xmr_encoder_batch_size_count 1.0" in metrics
