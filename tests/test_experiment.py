@@ -194,3 +194,15 @@ def test_full_report_says_there_are_no_published_peers() -> None:
     assert "No published method" in text
     assert "| bert4xmr vs pop | ndcg@10 |" in text
     assert "ACMR" not in text and "FOREC" not in text
+
+
+def test_worker_processes_give_the_same_metrics_as_one_process(
+    dataset: Dataset, experiment: tuple[dict[str, ProtocolResult], Path, TrainConfig],
+    tmp_path: Path,
+) -> None:
+    results, _, config = experiment
+    dirs = output_dirs(tmp_path, ["full", "forec"])
+    parallel = run_experiment(dataset, ["full", "forec"], [0], config,
+                              {p: d / "negatives" for p, d in dirs.items()}, jobs=2)
+    for protocol in results:
+        assert parallel[protocol].runs == results[protocol].runs

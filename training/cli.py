@@ -132,6 +132,9 @@ def experiment_command(
     markets: MarketsOpt = None,
     config: ConfigOpt = None,
     device: DeviceOpt = "cpu",
+    jobs: Annotated[
+        int, typer.Option("--jobs", min=1, help="Worker processes for (split, seed) runs.")
+    ] = 1,
     pattern: PatternOpt = "*_5core.txt",
     sep: SepOpt = None,
     columns: ColumnsOpt = None,
@@ -157,7 +160,7 @@ def experiment_command(
         dirs = output_dirs(out, protocols)
         results = run_experiment(
             dataset, protocols, list(range(seeds)), train_config,
-            {p: d / "negatives" for p, d in dirs.items()}, device_for(device),
+            {p: d / "negatives" for p, d in dirs.items()}, device_for(device), jobs,
         )
         for name, result in results.items():
             for path in write_outputs(result, dirs[name]):

@@ -42,6 +42,22 @@ def model_scorer(model: Bert4XMR, market_row: int, device: torch.device | str = 
     return score
 
 
+def restrict(scorer: Scorer, catalogue: np.ndarray) -> Scorer:
+    """Scores outside `catalogue` (item rows) set to -inf: a market ranks only what it sells,
+    as the service's per-market index does."""
+    outside: torch.Tensor | None = None
+
+    def score(sessions: list[list[int]]) -> torch.Tensor:
+        nonlocal outside
+        scores = scorer(sessions)  # (B, N)
+        if outside is None:
+            outside = torch.ones(scores.shape[1], dtype=torch.bool)
+            outside[torch.as_tensor(catalogue, dtype=torch.long)] = False
+        return scores.masked_fill(outside, float("-inf"))
+
+    return score
+
+
 def rank_split(split: MarketSplit, scorer: Scorer, stage: str, batch_size: int = 512) -> np.ndarray:
     """0-based rank of each evaluated user's held-out item under the split's protocol.
 

@@ -8,18 +8,21 @@ scored under both; `acmr` has its own (seeded, shuffled) split.
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import time
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from training.baselines import cooccurrence_similarity, itemknn_scorer, pop_scorer
 from training.config import TrainConfig
 from training.data import Dataset
-from training.evaluate import Scorer, model_scorer, rank_split
+from training.evaluate import Scorer, model_scorer, rank_split, restrict
 from training.metrics import METRIC_NAMES, summarize
 from training.model import Bert4XMR
 from training.negatives import NegativeStore
@@ -196,7 +199,7 @@ def run_seed(
             target = new_model(prepared, config)
             fit(target, [(prepared.splits[market], row)], config.pretrain, seed,
                 f"target-{market}", device)
-        scorers: dict[str, Scorer] = {
+        unrestricted: dict[str, Scorer] = {
             "bert4xmr": model_scorer(tuned, row, device),
             "global_only": model_scorer(global_model, row, device),
             "no_market_emb": model_scorer(plain, row, device),
@@ -204,6 +207,11 @@ def run_seed(
             "pop": pop_scorer(prepared.splits[market], n_rows),
             "itemknn": knn,
         }
+        # Every model ranks only the items the market is known to sell (its training items),
+        # as the service's per-market index does; this matters for `acmr`, whose negatives
+        # come from all markets.
+        catalogue = prepared.splits[market].catalogue()
+        scorers = {name: restrict(scorer, catalogue) for name, scorer in unrestricted.items()}
         for protocol in protocols:
             split = evals[protocol][market]
             out[protocol][market] = {}
@@ -219,6 +227,39 @@ def run_seed(
     return out, watch.seconds, market_cosine(global_model), n_users
 
 
+SeedResult = tuple[dict[str, dict[str, dict[str, Metrics]]], dict[str, float], np.ndarray,
+                   dict[str, int]]
+
+
+def _run_task(
+    dataset: Dataset, group: list[str], seed: int, config: TrainConfig,
+    stores: dict[str, NegativeStore], device: str,
+) -> SeedResult:
+    torch.set_num_threads(max(1, config.threads))
+    logger.info("experiment split=%s protocols=%s seed=%d", TRAIN_SPLIT[group[0]],
+                ",".join(group), seed)
+    return run_seed(dataset, group, seed, config, stores, device)
+
+
+def _run_tasks(
+    dataset: Dataset, tasks: list[tuple[list[str], int]], config: TrainConfig,
+    stores: dict[str, NegativeStore], device: str, jobs: int,
+) -> Iterator[tuple[list[str], int, SeedResult]]:
+    """Each (protocol group, seed) in turn, or in `jobs` worker processes (results in order)."""
+    if jobs <= 1:
+        for group, seed in tasks:
+            yield group, seed, _run_task(dataset, group, seed, config, stores, device)
+        return
+    context = multiprocessing.get_context("spawn")  # no forked torch or CUDA state
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+        futures = [
+            pool.submit(_run_task, dataset, group, seed, config, stores, device)
+            for group, seed in tasks
+        ]
+        for (group, seed), future in zip(tasks, futures, strict=True):
+            yield group, seed, future.result()
+
+
 def run_experiment(
     dataset: Dataset,
     protocols: list[str],
@@ -226,8 +267,13 @@ def run_experiment(
     config: TrainConfig,
     negatives_dirs: dict[str, Path],
     device: str = "cpu",
+    jobs: int = 1,
 ) -> dict[str, ProtocolResult]:
-    """Run every protocol over `seeds`; models are trained once per seed and split."""
+    """Run every protocol over `seeds`; models are trained once per seed and split.
+
+    With `jobs` > 1 the (split, seed) runs go to that many worker processes: worth it on a
+    GPU machine or many cores, each worker using `config.threads` threads.
+    """
     if not seeds:
         raise ExperimentError("need at least one seed")
     protocols = parse_protocols(protocols)
@@ -239,24 +285,22 @@ def run_experiment(
     groups: dict[str, list[str]] = {}
     for protocol in protocols:
         groups.setdefault(TRAIN_SPLIT[protocol], []).append(protocol)
+    tasks = [(group, seed) for group in groups.values() for seed in seeds]
     for group in groups.values():
         for protocol in group:
             results[protocol].shared_with = [p for p in group if p != protocol]
-        for seed in seeds:
-            logger.info("experiment split=%s protocols=%s seed=%d", TRAIN_SPLIT[group[0]],
-                        ",".join(group), seed)
-            metrics, seconds, similarity, n_users = run_seed(
-                dataset, group, seed, config, stores, device
-            )
-            for protocol in group:
-                result = results[protocol]
-                result.seeds.append(seed)
-                result.runs[seed] = metrics[protocol]
-                result.n_users = n_users
-                result.market_similarity.append(similarity)
-                result.train_seconds += sum(seconds.values())
-                for name, value in seconds.items():
-                    result.train_seconds_by_model[name] = (
-                        result.train_seconds_by_model.get(name, 0.0) + value
-                    )
+    for group, seed, (metrics, seconds, similarity, n_users) in _run_tasks(
+        dataset, tasks, config, stores, device, jobs
+    ):
+        for protocol in group:
+            result = results[protocol]
+            result.seeds.append(seed)
+            result.runs[seed] = metrics[protocol]
+            result.n_users = n_users
+            result.market_similarity.append(similarity)
+            result.train_seconds += sum(seconds.values())
+            for name, value in seconds.items():
+                result.train_seconds_by_model[name] = (
+                    result.train_seconds_by_model.get(name, 0.0) + value
+                )
     return results

@@ -42,6 +42,12 @@ class MarketSplit:
     valid_negatives: np.ndarray | None = None
     test_negatives: np.ndarray | None = None
 
+    def catalogue(self) -> np.ndarray:
+        """Rows of the items with a training interaction in this market (what it is known to
+        sell before any held-out item is seen), sorted."""
+        rows = [row for seq in self.train for row in seq]
+        return np.unique(np.asarray(rows, dtype=np.int64))
+
     def history(self, stage: str) -> list[list[int]]:
         """Inputs of the evaluated users: training items, plus the valid item at test."""
         if stage == "valid":

@@ -95,16 +95,27 @@ def _loss(
     targets: torch.Tensor,
     market_row: int,
     label_smoothing: float,
+    exclude_visible: bool = False,
+    allowed: torch.Tensor | None = None,
 ) -> torch.Tensor:
+    """Mean cross-entropy of the hidden items; `allowed` (N,) restricts the softmax."""
     market = torch.full((inputs.shape[0],), market_row, dtype=torch.long, device=inputs.device)
     logits = model(inputs, market)  # (B, N)
-    logits = logits.index_fill(1, torch.tensor([PAD], device=logits.device), float("-inf"))
+    if exclude_visible:
+        # The session's own items are never recommended back: don't spend the loss on them.
+        logits = logits.scatter(1, inputs, float("-inf"))  # also hits PAD through the padding
+    else:
+        logits = logits.index_fill(1, torch.tensor([PAD], device=logits.device), float("-inf"))
+    if allowed is not None:
+        logits = logits.masked_fill(~allowed, float("-inf"))
     log_probs = F.log_softmax(logits, dim=-1)  # (B, N)
     real = targets != PAD  # (B, M)
     picked = log_probs.gather(1, targets)  # (B, M); -inf at padding, masked out next
     nll = -torch.where(real, picked, torch.zeros_like(picked)).sum() / real.sum()
     if label_smoothing:
-        uniform = -log_probs[:, 1:].mean(dim=-1).mean()
+        finite = torch.isfinite(log_probs)
+        per_row = torch.where(finite, log_probs, torch.zeros_like(log_probs)).sum(-1)
+        uniform = -(per_row / finite.sum(-1)).mean()
         return (1 - label_smoothing) * nll + label_smoothing * uniform
     return nll
 
@@ -156,6 +167,12 @@ def fit(
         lr=config.lr,
         weight_decay=config.weight_decay,
     )
+    allowed: dict[int, torch.Tensor] = {}
+    if config.market_softmax:
+        for split, market_row in splits:
+            mask = torch.zeros(model.config.n_rows, dtype=torch.bool)
+            mask[torch.as_tensor(split.catalogue())] = True
+            allowed[market_row] = mask.to(device)
     best = validate(model, splits, device)["mean"] if config.validate_start else -1.0
     best_state = copy.deepcopy(model.state_dict())
     best_epoch, stale, epochs_run = 0, 0, 0
@@ -169,7 +186,13 @@ def fit(
                 seqs, model.config.max_len, config.mask_prob, rng, config.hide_last
             )
             loss = _loss(
-                wrapped, inputs.to(device), targets.to(device), market_row, config.label_smoothing
+                wrapped,
+                inputs.to(device),
+                targets.to(device),
+                market_row,
+                config.label_smoothing,
+                config.exclude_visible,
+                allowed.get(market_row),
             )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
