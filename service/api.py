@@ -74,9 +74,26 @@ MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 MarketPath = Annotated[str, Path(pattern=MARKET_PATTERN, description="Market code, e.g. de.")]
 SessionPath = Annotated[str, Path(pattern=SESSION_ID_PATTERN)]
 
-ERRORS: dict[int | str, dict[str, object]] = {
-    code: {"model": ErrorResponse} for code in (404, 413, 422, 503)
+ERROR_DESCRIPTIONS = {
+    400: "Body that is not UTF-8 JSON, or a malformed Content-Length.",
+    403: "Missing or wrong admin token.",
+    404: "Unknown market (the known ones are listed), unknown session, or admin disabled.",
+    413: "Body over XMR_MAX_BODY_BYTES.",
+    422: "Invalid body or path, or a limit (XMR_MAX_K, XMR_MAX_REQUEST_ITEMS) exceeded.",
+    500: "Reload failed; the previous models and indexes keep serving.",
+    503: "Session store (Redis) unavailable, or not ready.",
 }
+
+
+def errors_of(*codes: int) -> dict[int | str, dict[str, object]]:
+    """OpenAPI declarations of the error statuses a route can answer (all as ErrorResponse)."""
+    return {code: {"model": ErrorResponse, "description": ERROR_DESCRIPTIONS[code]}
+            for code in codes}
+
+
+BODY_ERRORS = (400, 404, 413, 422)  # a POST with a JSON body and a market in the path
+ERRORS = errors_of(*BODY_ERRORS, 503)
+SESSION_ERRORS = errors_of(404, 422, 503)
 
 
 def check_limits(body: RecommendRequest, settings: Settings) -> None:
@@ -126,7 +143,8 @@ async def recommend(
     return to_response(market, rec)
 
 
-@router.post("/markets/{market}/noop", response_model=StatusResponse, tags=["benchmark"])
+@router.post("/markets/{market}/noop", response_model=StatusResponse,
+             responses=errors_of(*BODY_ERRORS), tags=["benchmark"])
 async def market_noop(market: MarketPath, body: RecommendRequest, bundle: BundleDep,
                       settings: SettingsDep) -> StatusResponse:
     """Benchmark baseline: the recommend route's middleware, body parsing and market lookup,
@@ -157,7 +175,7 @@ async def append_events(market: MarketPath, session_id: SessionPath, body: Event
 
 
 @router.get("/markets/{market}/sessions/{session_id}", response_model=SessionResponse,
-            responses=ERRORS, tags=["sessions"])
+            responses=SESSION_ERRORS, tags=["sessions"])
 async def get_session(market: MarketPath, session_id: SessionPath, bundle: BundleDep,
                       store: StoreDep) -> SessionResponse:
     bundle.market(market)
@@ -165,7 +183,8 @@ async def get_session(market: MarketPath, session_id: SessionPath, bundle: Bundl
     return SessionResponse(market=market, session_id=session_id, items=items)
 
 
-@router.delete("/markets/{market}/sessions/{session_id}", status_code=204, responses=ERRORS,
+@router.delete("/markets/{market}/sessions/{session_id}", status_code=204,
+               responses=SESSION_ERRORS,
                tags=["sessions"])
 async def delete_session(market: MarketPath, session_id: SessionPath, bundle: BundleDep,
                          store: StoreDep) -> Response:
@@ -194,7 +213,7 @@ def _probe(bundle: Bundle) -> None:
         recommend_many(model, [Query([item_id], 1)])
 
 
-@router.get("/readyz", response_model=StatusResponse, responses={503: {"model": ErrorResponse}},
+@router.get("/readyz", response_model=StatusResponse, responses=errors_of(503),
             tags=["operations"])
 async def readyz(bundle: BundleDep, store: StoreDep) -> StatusResponse:
     """Ready: every market's model and index answer, and the session store answers."""
@@ -216,7 +235,8 @@ async def metrics_endpoint(metrics: MetricsDep) -> Response:
     return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
-@router.post("/admin/reload", response_model=MarketsResponse, tags=["operations"])
+@router.post("/admin/reload", response_model=MarketsResponse,
+             responses=errors_of(400, 403, 404, 413, 500), tags=["operations"])
 async def admin_reload(
     registry: RegistryDep, settings: SettingsDep, metrics: MetricsDep,
     authorization: Annotated[str | None, Header()] = None,

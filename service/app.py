@@ -12,6 +12,7 @@ import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
+from typing import Any
 
 import anyio.to_thread
 import torch
@@ -45,6 +46,9 @@ STATUS: list[tuple[type[errors.ServiceError], int]] = [
 ]
 
 
+MAX_REPORTED_ERRORS = 20  # validation problems named in one 422
+
+
 def status_of(error: errors.ServiceError) -> int:
     return next((status for cls, status in STATUS if isinstance(error, cls)), 500)
 
@@ -57,20 +61,44 @@ async def service_error_handler(request: Request, exc: Exception) -> JSONRespons
 
 async def validation_error_handler(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
-    problems = [
-        f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg', 'invalid')}"
-        for e in exc.errors()
-    ]
+    errors_ = exc.errors()
+    # Only where and what, for the first few: echoing `input` back would repeat a hostile body
+    # (raw bytes that are not UTF-8 cannot even be encoded), and a body of thousands of wrong
+    # values must not be answered with thousands of messages.
+    detail = [{"type": str(e.get("type", "")), "loc": [str(p) for p in e.get("loc", ())],
+               "msg": str(e.get("msg", "invalid"))} for e in errors_[:MAX_REPORTED_ERRORS]]
+    problems = [f"{'.'.join(d['loc'])}: {d['msg']}" for d in detail]
+    if len(errors_) > MAX_REPORTED_ERRORS:
+        problems.append(f"and {len(errors_) - MAX_REPORTED_ERRORS} more")
     body = {"error": "invalid_request", "message": "; ".join(problems) or "invalid request",
-            "detail": exc.errors()}
-    return JSONResponse(jsonable_encoder(body), status_code=422)
+            "detail": detail}
+    return JSONResponse(body, status_code=422)
 
 
 async def http_error_handler(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
-    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-    return JSONResponse({"error": code, "message": str(exc.detail)},
+    code = {400: "invalid_request", 404: "not_found", 405: "method_not_allowed"}.get(
+        exc.status_code, "http_error")
+    message = str(exc.detail)
+    if exc.status_code == 400 and isinstance(exc.__cause__, UnicodeDecodeError):
+        message = f"request body is not UTF-8 JSON ({exc.__cause__.reason})"
+    elif exc.status_code == 400 and isinstance(exc.__cause__, RecursionError):
+        message = "request body is JSON nested too deeply"
+    return JSONResponse({"error": code, "message": message},
                         status_code=exc.status_code, headers=exc.headers)
+
+
+def document_limits(schema: dict[str, Any], settings: Settings) -> dict[str, Any]:
+    """Write the configured limits (k, ids per request) into the OpenAPI schema, so a client
+    (or a schema fuzzer) knows a body over them is invalid rather than finding out by a 422."""
+    bodies = schema["components"]["schemas"]
+    recommend = bodies["RecommendRequest"]["properties"]
+    recommend["k"]["maximum"] = settings.max_k
+    for spec in (recommend["items"], *recommend["candidates"].get("anyOf", []),
+                 bodies["EventsRequest"]["properties"]["items"]):
+        if spec.get("type") == "array":
+            spec["maxItems"] = settings.max_request_items
+    return schema
 
 
 def _install_sighup(app: FastAPI, tasks: set[asyncio.Task[object]]) -> bool:
@@ -135,6 +163,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.settings = settings
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = document_limits(FastAPI.openapi(app), settings)
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     app.state.metrics = metrics
     app.include_router(router)
     app.add_exception_handler(errors.ServiceError, service_error_handler)
