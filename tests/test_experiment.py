@@ -206,3 +206,19 @@ def test_worker_processes_give_the_same_metrics_as_one_process(
                               {p: d / "negatives" for p, d in dirs.items()}, jobs=2)
     for protocol in results:
         assert parallel[protocol].runs == results[protocol].runs
+
+
+def test_a_subset_of_models_trains_only_those(dataset: Dataset, tiny_train_config: TrainConfig,
+                                              tmp_path: Path) -> None:
+    dirs = output_dirs(tmp_path, ["acmr"])
+    results = run_experiment(dataset, ["acmr"], [0], tiny_train_config,
+                             {p: d / "negatives" for p, d in dirs.items()},
+                             models=["bert4xmr", "itemknn"])
+    result = results["acmr"]
+    assert result.models == ["bert4xmr", "global_only", "pop", "itemknn"]
+    assert set(result.runs[0]["aa"]) == set(result.models)
+    assert set(result.train_seconds_by_model) == {"bert4xmr", "itemknn"}
+    assert set(result.market_mean()) == set(result.models)
+    with pytest.raises(ExperimentError, match="unknown model"):
+        run_experiment(dataset, ["acmr"], [0], tiny_train_config,
+                       {p: d / "negatives" for p, d in dirs.items()}, models=["bert5xmr"])

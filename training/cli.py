@@ -135,6 +135,10 @@ def experiment_command(
     jobs: Annotated[
         int, typer.Option("--jobs", min=1, help="Worker processes for (split, seed) runs.")
     ] = 1,
+    models: Annotated[
+        list[str] | None,
+        typer.Option("--models", help="Models to run (comma list; default all)."),
+    ] = None,
     pattern: PatternOpt = "*_5core.txt",
     sep: SepOpt = None,
     columns: ColumnsOpt = None,
@@ -161,6 +165,7 @@ def experiment_command(
         results = run_experiment(
             dataset, protocols, list(range(seeds)), train_config,
             {p: d / "negatives" for p, d in dirs.items()}, device_for(device), jobs,
+            models,
         )
         for name, result in results.items():
             for path in write_outputs(result, dirs[name]):

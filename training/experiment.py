@@ -47,6 +47,7 @@ class ProtocolResult:
 
     protocol: str
     markets: list[str]
+    models: list[str] = field(default_factory=lambda: list(MODELS))
     seeds: list[int] = field(default_factory=list)
     runs: dict[int, dict[str, dict[str, Metrics]]] = field(default_factory=dict)
     n_users: dict[str, int] = field(default_factory=dict)
@@ -62,7 +63,7 @@ class ProtocolResult:
         return {
             market: {
                 model: _mean_std([self.runs[s][market][model] for s in self.seeds])
-                for model in MODELS
+                for model in self.models
             }
             for market in self.markets
         }
@@ -70,7 +71,7 @@ class ProtocolResult:
     def market_mean(self) -> dict[str, dict[str, dict[str, float]]]:
         """model -> metric -> {mean, std} over seeds of the unweighted mean over markets."""
         out = {}
-        for model in MODELS:
+        for model in self.models:
             per_seed = [
                 {k: float(np.mean([self.runs[s][m][model][k] for m in self.markets]))
                  for k in METRIC_NAMES}
@@ -123,6 +124,21 @@ def parse_protocols(values: list[str]) -> list[str]:
     return [p for p in PROTOCOLS if p in names]
 
 
+def parse_models(values: list[str] | None) -> tuple[str, ...]:
+    """Model names from comma lists, in the canonical order; all models by default.
+
+    `global_only` and `pop` come with every run (the pre-trained model is always trained).
+    """
+    if not values:
+        return MODELS
+    names = {name.strip() for value in values for name in value.split(",") if name.strip()}
+    unknown = sorted(names - set(MODELS))
+    if unknown:
+        raise ExperimentError(f"unknown model(s) {unknown}; choose from {list(MODELS)}")
+    names |= {"global_only", "pop"}
+    return tuple(m for m in MODELS if m in names)
+
+
 def market_cosine(model: Bert4XMR) -> np.ndarray:
     """Cosine similarity (M, M) of the rows of a model's market embedding."""
     rows = model.market_emb.weight.detach().float().cpu()  # (M, D)
@@ -163,6 +179,7 @@ def run_seed(
     config: TrainConfig,
     stores: dict[str, NegativeStore],
     device: str = "cpu",
+    models: tuple[str, ...] = MODELS,
 ) -> tuple[dict[str, dict[str, dict[str, Metrics]]], dict[str, float], np.ndarray, dict[str, int]]:
     """Train every model on one split and seed; score each on the test items of `protocols`.
 
@@ -183,30 +200,36 @@ def run_seed(
     plain_config = config.with_overrides(market_embedding=False)
     with watch.time("bert4xmr"):
         global_model, _ = pretrain(prepared, config, device)
-    with watch.time("no_market_emb"):
-        plain_global, _ = pretrain(prepared, plain_config, device)
-    with watch.time("itemknn"):
-        train_seqs = [seq for m in prepared.markets for seq in prepared.splits[m].train]
-        knn = itemknn_scorer(cooccurrence_similarity(train_seqs, n_rows))
+    if "no_market_emb" in models:
+        with watch.time("no_market_emb"):
+            plain_global, _ = pretrain(prepared, plain_config, device)
+    if "itemknn" in models:
+        with watch.time("itemknn"):
+            train_seqs = [seq for m in prepared.markets for seq in prepared.splits[m].train]
+            knn = itemknn_scorer(cooccurrence_similarity(train_seqs, n_rows))
 
     out: dict[str, dict[str, dict[str, Metrics]]] = {p: {} for p in protocols}
     for row, market in enumerate(prepared.markets):
-        with watch.time("bert4xmr"):
-            tuned, _ = finetune(global_model, prepared, market, config, device)
-        with watch.time("no_market_emb"):
-            plain, _ = finetune(plain_global, prepared, market, plain_config, device)
-        with watch.time("target_only"):  # from scratch on the market alone: no pre-training
-            target = new_model(prepared, config)
-            fit(target, [(prepared.splits[market], row)], config.pretrain, seed,
-                f"target-{market}", device)
         unrestricted: dict[str, Scorer] = {
-            "bert4xmr": model_scorer(tuned, row, device),
             "global_only": model_scorer(global_model, row, device),
-            "no_market_emb": model_scorer(plain, row, device),
-            "target_only": model_scorer(target, row, device),
             "pop": pop_scorer(prepared.splits[market], n_rows),
-            "itemknn": knn,
         }
+        if "bert4xmr" in models:
+            with watch.time("bert4xmr"):
+                tuned, _ = finetune(global_model, prepared, market, config, device)
+            unrestricted["bert4xmr"] = model_scorer(tuned, row, device)
+        if "no_market_emb" in models:
+            with watch.time("no_market_emb"):
+                plain, _ = finetune(plain_global, prepared, market, plain_config, device)
+            unrestricted["no_market_emb"] = model_scorer(plain, row, device)
+        if "target_only" in models:
+            with watch.time("target_only"):  # from scratch on the market alone: no pre-training
+                target = new_model(prepared, config)
+                fit(target, [(prepared.splits[market], row)], config.pretrain, seed,
+                    f"target-{market}", device)
+            unrestricted["target_only"] = model_scorer(target, row, device)
+        if "itemknn" in models:
+            unrestricted["itemknn"] = knn
         # Every model ranks only the items the market is known to sell (its training items),
         # as the service's per-market index does; this matters for `acmr`, whose negatives
         # come from all markets.
@@ -215,7 +238,7 @@ def run_seed(
         for protocol in protocols:
             split = evals[protocol][market]
             out[protocol][market] = {}
-            for name in MODELS:
+            for name in models:
                 metrics = summarize(rank_split(split, scorers[name], "test"))  # test: once
                 out[protocol][market][name] = metrics
                 logger.info(
@@ -233,27 +256,27 @@ SeedResult = tuple[dict[str, dict[str, dict[str, Metrics]]], dict[str, float], n
 
 def _run_task(
     dataset: Dataset, group: list[str], seed: int, config: TrainConfig,
-    stores: dict[str, NegativeStore], device: str,
+    stores: dict[str, NegativeStore], device: str, models: tuple[str, ...],
 ) -> SeedResult:
     torch.set_num_threads(max(1, config.threads))
     logger.info("experiment split=%s protocols=%s seed=%d", TRAIN_SPLIT[group[0]],
                 ",".join(group), seed)
-    return run_seed(dataset, group, seed, config, stores, device)
+    return run_seed(dataset, group, seed, config, stores, device, models)
 
 
 def _run_tasks(
     dataset: Dataset, tasks: list[tuple[list[str], int]], config: TrainConfig,
-    stores: dict[str, NegativeStore], device: str, jobs: int,
+    stores: dict[str, NegativeStore], device: str, jobs: int, models: tuple[str, ...],
 ) -> Iterator[tuple[list[str], int, SeedResult]]:
     """Each (protocol group, seed) in turn, or in `jobs` worker processes (results in order)."""
     if jobs <= 1:
         for group, seed in tasks:
-            yield group, seed, _run_task(dataset, group, seed, config, stores, device)
+            yield group, seed, _run_task(dataset, group, seed, config, stores, device, models)
         return
     context = multiprocessing.get_context("spawn")  # no forked torch or CUDA state
     with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
         futures = [
-            pool.submit(_run_task, dataset, group, seed, config, stores, device)
+            pool.submit(_run_task, dataset, group, seed, config, stores, device, models)
             for group, seed in tasks
         ]
         for (group, seed), future in zip(tasks, futures, strict=True):
@@ -268,6 +291,7 @@ def run_experiment(
     negatives_dirs: dict[str, Path],
     device: str = "cpu",
     jobs: int = 1,
+    models: list[str] | None = None,
 ) -> dict[str, ProtocolResult]:
     """Run every protocol over `seeds`; models are trained once per seed and split.
 
@@ -277,9 +301,11 @@ def run_experiment(
     if not seeds:
         raise ExperimentError("need at least one seed")
     protocols = parse_protocols(protocols)
+    chosen = parse_models(models)
     stores = {p: NegativeStore(negatives_dirs[p]) for p in protocols if p != "full"}
     results = {
-        p: ProtocolResult(p, dataset.market_codes, config=config.to_dict(), device=device)
+        p: ProtocolResult(p, dataset.market_codes, list(chosen), config=config.to_dict(),
+                          device=device)
         for p in protocols
     }
     groups: dict[str, list[str]] = {}
@@ -290,7 +316,7 @@ def run_experiment(
         for protocol in group:
             results[protocol].shared_with = [p for p in group if p != protocol]
     for group, seed, (metrics, seconds, similarity, n_users) in _run_tasks(
-        dataset, tasks, config, stores, device, jobs
+        dataset, tasks, config, stores, device, jobs, chosen
     ):
         for protocol in group:
             result = results[protocol]

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from training.experiment import MODELS, ProtocolResult
+from training.experiment import ProtocolResult
 
 PEER_MARKERS = ("o", "s", "^", "v", "D", "P", "X", "*", "<", ">")
 
@@ -30,10 +30,10 @@ def plot_ndcg(
     table = result.aggregate()
     markets = result.markets
     x = np.arange(len(markets), dtype=np.float64)
-    width = 0.8 / len(MODELS)
+    width = 0.8 / len(result.models)
     fig = Figure(figsize=(max(7.0, 1.4 * len(markets) + 3), 4.5))
     ax = fig.add_subplot()
-    for k, model in enumerate(MODELS):
+    for k, model in enumerate(result.models):
         means = [table[m][model]["ndcg@10"]["mean"] for m in markets]
         stds = [table[m][model]["ndcg@10"]["std"] for m in markets]
         ax.bar(x - 0.4 + (k + 0.5) * width, means, width, yerr=stds, capsize=2, label=model)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from training.experiment import MODELS, ProtocolResult
+from training.experiment import ProtocolResult
 from training.figures import plot_market_similarity, plot_ndcg
 
 logger = logging.getLogger(__name__)
@@ -128,7 +128,7 @@ def _metric_table(result: ProtocolResult, metric: str) -> list[str]:
     means = result.market_mean()
     lines = ["| model | " + " | ".join(result.markets) + " | mean |",
              "|---" * (len(result.markets) + 2) + "|"]
-    for model in MODELS:
+    for model in result.models:
         spread = len(result.seeds) > 1
         cells = [_cell(table[m][model][metric], spread) for m in result.markets]
         mean = _cell(means[model][metric], spread)
@@ -154,6 +154,8 @@ def _relative_table(result: ProtocolResult) -> list[str]:
         pairs.append((peer.ours, peer.name, peer.metrics))
     if result.protocol not in PEERS:
         for baseline in ("pop", "itemknn"):
+            if baseline not in result.models:
+                continue
             values = {k: {m: table[m][baseline][k]["mean"] for m in result.markets}
                       for k in ("hr@10", "ndcg@10")}
             pairs.append(("bert4xmr", baseline, values))
