@@ -9,7 +9,6 @@ TORCH_CPU := torch==2.13.0
 # The CPU build of torch goes in first, so the project's torch range never pulls a CUDA build.
 $(BIN)/xmr: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH_CPU)
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(BIN)/xmr
