@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from client import GET_NOOP, NOOP, RECOMMEND, Phase, PhaseResult, rss_kib
-from servers import post_json, redis_server, xmr_server
+from servers import get, post_json, redis_server, xmr_server
 from summary import summarize, table, targets
 from workload import WorkloadSpec, build_requests, describe, write_requests
 
@@ -71,6 +71,17 @@ def make_plan(endpoints: list[str], concurrencies: list[int], duration_s: float,
             offset = 997 * (r + 1) + 31 * concurrency
             plan.extend(Phase(e, concurrency, duration_s / rounds, offset=offset) for e in order)
     return plan
+
+
+def encoder_batches(metrics: str) -> dict[str, float]:
+    """Encoder calls and requests per call over the whole run, from the server's /metrics."""
+    values = {}
+    for line in metrics.splitlines():
+        name, _, value = line.partition(" ")
+        if name in ("xmr_encoder_batch_size_sum", "xmr_encoder_batch_size_count"):
+            values[name.rsplit("_", 1)[1]] = float(value)
+    calls, requests = values.get("count", 0.0), values.get("sum", 0.0)
+    return {"encoder_calls": calls, "mean_batch": round(requests / calls, 2) if calls else 0.0}
 
 
 def machine() -> dict[str, Any]:
@@ -143,6 +154,7 @@ def main() -> None:
                         "--plan", str(plan_file), "--server-pid", str(server.pid),
                         "--out", str(results_file)], check=True)
         rss_end = rss_kib(server.pid)
+        batches = encoder_batches(get(f"{server.url}/metrics")[1].decode())
         hwm = next(int(line.split()[1]) for line in
                    Path(f"/proc/{server.pid}/status").read_text().splitlines()
                    if line.startswith("VmHWM:"))
@@ -162,7 +174,7 @@ def main() -> None:
         "artifacts": str(artifacts), "train_s": train_s, "index_build": index,
         "server": {"ready_s": round(server.ready_s, 2), "env": server_env,
                    "torch_threads": 1, "workers": 1},
-        "memory": memory, "workload": describe(requests),
+        "memory": memory, "encoder_batches": batches, "workload": describe(requests),
         "plan": {"duration_s": args.duration, "rounds": args.rounds, "warmup_s": args.warmup,
                  "concurrency": concurrencies, "endpoints": endpoints},
         "rows": [asdict(r) for r in rows], "targets": goals,
@@ -174,6 +186,8 @@ def main() -> None:
     print(f"server ready in {server.ready_s:.1f} s; RSS after warm-up "
           f"{memory['rss_after_warmup_mib']} MiB, at the end {memory['rss_end_mib']} MiB, "
           f"peak {memory['rss_peak_mib']} MiB")
+    print(f"encoder calls {batches['encoder_calls']:.0f}, mean requests per call "
+          f"{batches['mean_batch']} (whole run, warm-up and readiness probes included)")
     mix = describe(requests)
     print(f"recommend mix: {mix['n_items_requests']} item sessions "
           f"(items {mix['items_per_items_request']}) + {mix['n_session_requests']} session_id "
