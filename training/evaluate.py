@@ -19,12 +19,11 @@ Scorer = Callable[[list[list[int]]], torch.Tensor]
 def pad_sessions(sessions: Sequence[Sequence[int]], max_len: int) -> torch.Tensor:
     """Right-pad sessions with PAD into (B, T), keeping each session's last `max_len` items."""
     width = max(1, min(max_len, max((len(s) for s in sessions), default=1)))
-    out = torch.full((len(sessions), width), PAD, dtype=torch.long)
+    out = np.full((len(sessions), width), PAD, dtype=np.int64)  # one buffer, one tensor
     for b, session in enumerate(sessions):
         tail = list(session)[-max_len:]
-        if tail:
-            out[b, : len(tail)] = torch.as_tensor(tail, dtype=torch.long)
-    return out
+        out[b, : len(tail)] = tail
+    return torch.from_numpy(out)
 
 
 def model_scorer(model: Bert4XMR, market_row: int, device: torch.device | str = "cpu") -> Scorer:
