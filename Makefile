@@ -29,3 +29,17 @@ lint: install
 validate-deploy: install
 	$(BIN)/pip install -q -r deploy/requirements-validate.txt
 	bash deploy/validate.sh
+
+# Reliability runs (benchmarks/RELIABILITY.md): schema fuzzing of a real server, Redis kill and
+# reloads under load, then a soak with hostile input. Data: DATA=dir or XMR_DATA_DIR, else
+# the synthetic markets. `make reliability SOAK_SECONDS=300`.
+.PHONY: reliability
+SOAK_SECONDS ?= 180
+FUZZ_EXAMPLES ?= 200
+DATA ?= $(XMR_DATA_DIR)
+RELIABILITY_OUT ?= out/reliability
+reliability: install
+	mkdir -p $(RELIABILITY_OUT)
+	$(BIN)/python benchmarks/fuzz.py $(if $(DATA),--data $(DATA)) --workdir $(RELIABILITY_OUT) --max-examples $(FUZZ_EXAMPLES)
+	$(BIN)/python benchmarks/chaos.py $(if $(DATA),--data $(DATA)) --workdir $(RELIABILITY_OUT) --out $(RELIABILITY_OUT)/chaos.json
+	$(BIN)/python benchmarks/soak.py $(if $(DATA),--data $(DATA)) --workdir $(RELIABILITY_OUT) --seconds $(SOAK_SECONDS) --out $(RELIABILITY_OUT)/soak.json

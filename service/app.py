@@ -20,6 +20,7 @@ from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service import errors
@@ -84,8 +85,19 @@ async def http_error_handler(request: Request, exc: Exception) -> JSONResponse:
         message = f"request body is not UTF-8 JSON ({exc.__cause__.reason})"
     elif exc.status_code == 400 and isinstance(exc.__cause__, RecursionError):
         message = "request body is JSON nested too deeply"
+    headers = exc.headers
+    if exc.status_code == 405:  # Starlette names only the first matching route's methods
+        headers = {**(headers or {}), "Allow": ", ".join(allowed_methods(request))}
     return JSONResponse({"error": code, "message": message},
-                        status_code=exc.status_code, headers=exc.headers)
+                        status_code=exc.status_code, headers=headers)
+
+
+def allowed_methods(request: Request) -> list[str]:
+    """Methods of every route whose path matches the request's."""
+    methods = {method for route in router.routes
+               if isinstance(route, APIRoute) and route.path_regex.match(request.url.path)
+               for method in route.methods or ()}
+    return sorted(methods)
 
 
 def document_limits(schema: dict[str, Any], settings: Settings) -> dict[str, Any]:

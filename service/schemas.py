@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StringConstraints
 
 # Market codes hold no ':' or '.', so session keys stay unambiguous and paths stay plain.
 MARKET_PATTERN = r"^[A-Za-z0-9_-]{1,32}$"
@@ -24,7 +24,9 @@ class RecommendRequest(BaseModel):
         default=None, description="Use the stored session; `items` are appended to it first."
     )
     k: int = Field(default=10, ge=1, description="How many items to return (at most XMR_MAX_K).")
-    exclude_seen: bool = Field(default=True, description="Leave out items already in the session.")
+    # Strict: `0` or `"no"` is a 422 rather than a silent False (JSON Schema's boolean).
+    exclude_seen: StrictBool = Field(default=True,
+                                     description="Leave out items already in the session.")
     candidates: list[ItemId] | None = Field(
         default=None, description="Rank only these items (ids not sold in the market are reported "
                           "in unknown_items)."

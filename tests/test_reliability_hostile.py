@@ -64,6 +64,8 @@ HOSTILE: list[tuple[str, str, str, bytes | None, dict[str, str], int, str]] = [
      "invalid_request"),
     ("JSON array body", "POST", "/markets/aa/sessions/s1/events", b'["a"]', JSON, 422,
      "invalid_request"),
+    ("exclude_seen = 0", "POST", "/markets/aa/recommend", b'{"exclude_seen": 0}', JSON, 422,
+     "invalid_request"),
     ("unknown field", "POST", "/markets/aa/recommend", b'{"itemz": []}', JSON, 422,
      "invalid_request"),
     ("bad Content-Length", "POST", "/markets/aa/recommend", b"{}",
@@ -126,3 +128,10 @@ def test_service_unaffected_and_memory_bounded_after_abuse(make_service_client,
     assert ready == 200
     assert [i["item_id"] for i in after["items"]] == [i["item_id"] for i in before["items"]]
     assert rss_end - rss_start < 100
+
+
+def test_wrong_method_names_every_allowed_method(make_service_client) -> None:
+    with make_service_client() as client:
+        r = client.options("/markets/aa/sessions/s1")
+    assert r.status_code == 405 and r.json()["error"] == "method_not_allowed"
+    assert r.headers["allow"] == "DELETE, GET"
