@@ -34,10 +34,13 @@ async def soak(url: str, pid: int, markets: list[str], sessions: dict[str, list[
     samples: list[tuple[float, int]] = []
     stop = asyncio.Event()
 
+    def items_of(sessions: dict[str, list[list[str]]], market: str, w: int, n: int) -> list[str]:
+        return sessions[market][(w * 7919 + n) % len(sessions[market])]
+
     async def step(client: httpx.AsyncClient, w: int, n: int) -> tuple[str, httpx.Response]:
         market = markets[(w + n) % len(markets)]
         items = sessions[market][(w * 7919 + n) % len(sessions[market])]
-        session = f"soak-{w}-{n // 40}"  # a few hundred sessions live at once, TTL refreshed
+        session = f"soak-{w}-{n // 280}"  # 40 steps of each kind per session; TTL refreshed
         kind = ("recommend_items", "recommend_items", "recommend_items", "recommend_items",
                 "recommend_session", "events", "get_session")[n % 7]
         if kind == "recommend_items":
@@ -49,7 +52,12 @@ async def soak(url: str, pid: int, markets: list[str], sessions: dict[str, list[
         if kind == "events":
             return kind, await client.post(f"/markets/{market}/sessions/{session}/events",
                                            json={"items": items[:3]})
-        r = await client.get(f"/markets/{market}/sessions/{session}")
+        # read back the session the previous step (n % 7 == 5) appended to
+        written = markets[(w + n - 1) % len(markets)]
+        r = await client.get(f"/markets/{written}/sessions/{session}")
+        if r.status_code == 200 and not set(items_of(sessions, written, w, n - 1)[:3]) <= \
+                set(r.json()["items"]):
+            return "get_session_missing_items", r
         return kind, r
 
     async def sampler() -> None:
@@ -113,7 +121,9 @@ def main() -> None:
         report["abuse"] = run_abuse(server.url, server.pid, markets[0], args.abuse_rounds)
     failures = []
     for name, tally in result["tallies"].items():
-        if tally["transport_errors"] or any(int(s) >= 500 for s in tally["statuses"]):
+        if tally["transport_errors"] or any(int(s) >= 500 for s in tally["statuses"]) or \
+                name == "get_session_missing_items" or (name == "get_session" and
+                                                        set(tally["statuses"]) != {200}):
             failures.append(f"soak {name}: {tally}")
     growth = result["rss_end_mib"] - result["rss_start_mib"]
     if growth > args.max_growth_mib:
