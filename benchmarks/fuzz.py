@@ -39,7 +39,8 @@ def schemathesis_run(url: str, max_examples: int, seed: int, report: Path,
                "--max-examples", str(max_examples), "--seed", str(seed),
                "--phases", "examples,coverage,fuzzing", "--continue-on-failure",
                "--report", "junit", "--report-junit-path", str(report)]
-    done = subprocess.run(command, capture_output=True, text=True)
+    # run in the report's folder: the CLI keeps its state in ./.schemathesis
+    done = subprocess.run(command, capture_output=True, text=True, cwd=report.parent)
     return done.returncode, done.stdout + done.stderr
 
 
@@ -68,7 +69,8 @@ def main() -> None:
                     # status_code_conformance still fails any undeclared 5xx
                     excluded.append("not_a_server_error")
                 code, output = schemathesis_run(server.url, args.max_examples, args.seed,
-                                                args.workdir / f"fuzz-{state}.xml", excluded)
+                                                (args.workdir / f"fuzz-{state}.xml").resolve(),
+                                                excluded)
                 (args.workdir / f"fuzz-{state}.log").write_text(output, encoding="utf-8")
                 lines = output.splitlines()
                 tail = lines[next((i for i, line in enumerate(lines) if "SUMMARY" in line),
