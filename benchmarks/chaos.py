@@ -52,6 +52,11 @@ async def redis_chaos(url: str, redis: PersistentRedis, market: str, sessions: l
     recovered_after_s: float | None = None
     restarted_at = 0.0
 
+    def span(started: str) -> str:
+        """The phase a request ran in, or `a->b` when the phase changed while it ran (a request
+        that starts while Redis is down may be answered after the restart)."""
+        return started if started == phase else f"{started}->{phase}"
+
     async def event(client: httpx.AsyncClient, w: int, n: int) -> tuple[str, httpx.Response]:
         nonlocal recovered_after_s
         number, count = position.get(w, (0, 0))
@@ -69,13 +74,13 @@ async def redis_chaos(url: str, redis: PersistentRedis, market: str, sessions: l
         # a fresh session after a failure or when the session is full
         position[w] = (number + 1, 0) if r.status_code != 200 or count >= \
             EVENTS_PER_SESSION else (number, count)
-        return f"events:{seen_phase}", r
+        return f"events:{span(seen_phase)}", r
 
     async def recommend(client: httpx.AsyncClient, w: int, n: int) -> tuple[str, httpx.Response]:
         seen_phase = phase
         body = {"items": sessions[(w * 7919 + n) % len(sessions)], "k": 10}
-        return f"recommend_items:{seen_phase}", await client.post(
-            f"/markets/{market}/recommend", json=body)
+        r = await client.post(f"/markets/{market}/recommend", json=body)
+        return f"recommend_items:{span(seen_phase)}", r
 
     async def faults() -> None:
         nonlocal phase, restarted_at
