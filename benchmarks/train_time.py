@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 TARGET_SECONDS = 180.0
-STAGE = re.compile(r"^(\w[\w-]*): valid_ndcg@10=([\d.]+) epochs=(\d+) seconds=([\d.]+)$")
+STAGE = re.compile(r"^(\w[\w-]*): valid_ndcg@10=([\d.]+|n/a) epochs=(\d+) seconds=([\d.]+)$")
 
 
 def main() -> None:
@@ -47,7 +47,8 @@ def main() -> None:
         match = STAGE.match(line.strip())
         if match:
             name, ndcg, epochs, seconds = match.groups()
-            stages[name] = {"valid_ndcg@10": float(ndcg), "epochs": int(epochs),
+            stages[name] = {"valid_ndcg@10": None if ndcg == "n/a" else float(ndcg),
+                            "epochs": int(epochs),
                             "seconds": float(seconds)}
     result = {
         "command": " ".join(command[1:]),
@@ -62,7 +63,7 @@ def main() -> None:
           f"{'PASS' if wall <= TARGET_SECONDS else 'FAIL'}), peak RSS {peak_kib / 1024:.0f} MiB")
     for name, stage in stages.items():
         print(f"  {name:8s} {stage['seconds']:6.1f} s  epochs={stage['epochs']:2d}  "
-              f"valid_ndcg@10={stage['valid_ndcg@10']:.4f}")
+              f"valid_ndcg@10={stage['valid_ndcg@10']}")
     if args.out:
         args.out.write_text(json.dumps(result, indent=2) + "\n")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -82,3 +83,22 @@ def test_train_markets_writes_loadable_checkpoints(
         sold = dataset.markets[market].items
         assert checkpoint.market_items is not None and set(checkpoint.market_items) == sold
         assert checkpoint.manifest.metrics["valid_ndcg@10"] == results[market].best_metric
+
+
+def test_fit_without_validation_users_reports_no_metric_and_keeps_finetune_start() -> None:
+    from training.model import Bert4XMR, ModelConfig
+    from training.split import MarketSplit
+
+    # two users with two items each: trainable, but nobody has a valid and a test item
+    split = MarketSplit(
+        "zz", "full", 0, ["u1", "u2"], [[1, 2], [2, 3]], np.zeros(0, np.int64),
+        np.zeros(0, np.int64), np.zeros(0, np.int64), np.asarray([1, 2, 3]),
+    )
+    model = Bert4XMR(ModelConfig(n_rows=4, n_markets=1, d_model=8, n_heads=2, d_ff=16))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    tuned = fit(model, [(split, 0)], FitConfig(max_epochs=3, validate_start=True), 0, "t")
+    assert tuned.best_metric is None and tuned.epochs_run == 0
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    scratch = fit(model, [(split, 0)], FitConfig(max_epochs=2, batch_size=2), 0, "s")
+    assert scratch.best_metric is None and scratch.epochs_run == 2
+    assert not all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -44,7 +44,7 @@ class Manifest:
     market: str | None = None
     parent: dict[str, str] | None = None
     data_fingerprint: str = ""
-    metrics: dict[str, float] = field(default_factory=dict)
+    metrics: dict[str, float | None] = field(default_factory=dict)
     train_config: dict[str, Any] = field(default_factory=dict)
     created_at: str = ""
     weights_sha256: str = ""

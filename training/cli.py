@@ -103,7 +103,8 @@ def train_command(
         dist.close()
     if dist.is_main:
         for name, result in results.items():
-            typer.echo(f"{name}: valid_ndcg@10={result.best_metric:.4f} "
+            metric = "n/a" if result.best_metric is None else f"{result.best_metric:.4f}"
+            typer.echo(f"{name}: valid_ndcg@10={metric} "
                        f"epochs={result.epochs_run} seconds={result.seconds:.1f}")
         typer.echo(f"wrote {out}")
 

@@ -34,7 +34,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class FitResult:
-    best_metric: float
+    best_metric: float | None  # None: no validation users, nothing was measured
     best_epoch: int
     epochs_run: int
     seconds: float
@@ -173,11 +173,8 @@ def fit(
             mask = torch.zeros(model.config.n_rows, dtype=torch.bool)
             mask[torch.as_tensor(split.catalogue())] = True
             allowed[market_row] = mask.to(device)
-    best = validate(model, splits, device)["mean"] if config.validate_start else -1.0
-    best_state = copy.deepcopy(model.state_dict())
-    best_epoch, stale, epochs_run = 0, 0, 0
-    history: list[dict[str, float]] = []
-    for epoch in range(1, config.max_epochs + 1):
+    def step(epoch: int) -> tuple[float, int]:
+        """One epoch of training; returns the summed loss and the number of sequences."""
         model.train()
         batches = dist.shard(_batches(splits, config.batch_size, rng))
         total, n = 0.0, 0
@@ -199,6 +196,24 @@ def fit(
             optimizer.step()
             total += loss.item() * len(seqs)
             n += len(seqs)
+        return total, n
+
+    if not any(len(split.eval_users) for split, _ in splits):
+        # Nothing to validate on (e.g. a market of one user): fine-tuning keeps the starting
+        # weights, training from scratch runs every epoch; no metric is reported.
+        epochs = 0 if config.validate_start else config.max_epochs
+        logger.warning("fit=%s no validation users: training %d epochs, no early stopping",
+                       name, epochs)
+        for epoch in range(1, epochs + 1):
+            step(epoch)
+        model.eval()
+        return FitResult(None, epochs, epochs, time.perf_counter() - started)
+    best = validate(model, splits, device)["mean"] if config.validate_start else -1.0
+    best_state = copy.deepcopy(model.state_dict())
+    best_epoch, stale, epochs_run = 0, 0, 0
+    history: list[dict[str, float]] = []
+    for epoch in range(1, config.max_epochs + 1):
+        total, n = step(epoch)
         epochs_run = epoch
         scores = validate(model, splits, device)
         history.append({"epoch": epoch, "loss": total / max(n, 1), **scores})
