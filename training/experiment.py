@@ -230,13 +230,15 @@ def run_seed(
             unrestricted["target_only"] = model_scorer(target, row, device)
         if "itemknn" in models:
             unrestricted["itemknn"] = knn
-        # Every model ranks only the items the market is known to sell (its training items),
-        # as the service's per-market index does; this matters for `acmr`, whose negatives
-        # come from all markets.
+        # Under `acmr` (negatives from all markets) every model ranks only the items the market
+        # is known to sell before any held-out item is seen (its training items), as the
+        # service's per-market index ranks only the market's items. `full` and `forec` draw
+        # every candidate from the market already, and are scored as their protocols define.
         catalogue = prepared.splits[market].catalogue()
-        scorers = {name: restrict(scorer, catalogue) for name, scorer in unrestricted.items()}
+        restricted = {name: restrict(scorer, catalogue) for name, scorer in unrestricted.items()}
         for protocol in protocols:
             split = evals[protocol][market]
+            scorers = restricted if protocol == "acmr" else unrestricted
             out[protocol][market] = {}
             for name in models:
                 metrics = summarize(rank_split(split, scorers[name], "test"))  # test: once

@@ -103,7 +103,11 @@ PROTOCOL_TEXT = {
     "forec": "time-ordered leave-one-out; the held-out item ranked against 99 negatives sampled "
              "from the market's items the user never interacted with",
     "acmr": "random leave-one-out (shuffled with the seed); the held-out item ranked against 99 "
-            "negatives sampled from all markets' items, minus the user's items",
+            "negatives sampled from all markets' items, minus the user's items. Every model "
+            "ranks only the items with a training interaction in the market (what it is known "
+            "to sell before any held-out item is seen; the service's index likewise holds only "
+            "the market's items): other candidates score -inf, so a held-out item with no "
+            "training interaction in the market is always missed",
 }
 
 
