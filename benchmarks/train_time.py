@@ -65,6 +65,7 @@ def main() -> None:
         print(f"  {name:8s} {stage['seconds']:6.1f} s  epochs={stage['epochs']:2d}  "
               f"valid_ndcg@10={stage['valid_ndcg@10']}")
     if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2) + "\n")
 
 
