@@ -266,6 +266,11 @@ def _run_task(
     return run_seed(dataset, group, seed, config, stores, device, models)
 
 
+def _init_worker(level: int) -> None:
+    """Worker processes log like the parent (a spawned process starts unconfigured)."""
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+
+
 def _run_tasks(
     dataset: Dataset, tasks: list[tuple[list[str], int]], config: TrainConfig,
     stores: dict[str, NegativeStore], device: str, jobs: int, models: tuple[str, ...],
@@ -276,7 +281,9 @@ def _run_tasks(
             yield group, seed, _run_task(dataset, group, seed, config, stores, device, models)
         return
     context = multiprocessing.get_context("spawn")  # no forked torch or CUDA state
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+    level = logging.getLogger().getEffectiveLevel()
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_init_worker,
+                             initargs=(level,)) as pool:
         futures = [
             pool.submit(_run_task, dataset, group, seed, config, stores, device, models)
             for group, seed in tasks
