@@ -49,6 +49,8 @@ def free_port() -> int:
 class RedisProcess:
     """A real redis-server on a fixed port that a test may stop and start again."""
 
+    persistence: tuple[str, ...] = ("--appendonly", "no")  # nothing on disk by default
+
     def __init__(self, port: int, workdir: Path) -> None:
         self.port = port
         self.workdir = workdir
@@ -69,7 +71,7 @@ class RedisProcess:
     def start(self, timeout_s: float = 10.0) -> None:
         self.process = subprocess.Popen(
             [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.workdir)],
+             *self.persistence, "--dir", str(self.workdir)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + timeout_s
