@@ -135,18 +135,6 @@ def synthetic_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-@pytest.fixture(scope="session")
-def tiny_train_config():  # type: ignore[no-untyped-def]
-    """A TrainConfig small enough that a whole experiment runs in seconds on one CPU thread."""
-    from training.config import FitConfig, TrainConfig
-
-    return TrainConfig(
-        d_model=16, n_layers=1, n_heads=2, d_ff=32, dropout=0.1, threads=1,
-        pretrain=FitConfig(max_epochs=2, batch_size=32),
-        finetune=FitConfig(lr=5e-4, max_epochs=1, batch_size=32, validate_start=True),
-    )
-
-
 TINY_CONFIG_TOML = """\
 d_model = 16
 n_layers = 1
@@ -163,6 +151,17 @@ batch_size = 32
 max_epochs = 1
 batch_size = 32
 """
+
+
+@pytest.fixture(scope="session")
+def tiny_train_config(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """A TrainConfig small enough that a whole experiment runs in seconds on one CPU thread
+    (the TOML above, read the way `--config` reads it)."""
+    from training.config import load_config
+
+    path = tmp_path_factory.mktemp("config") / "tiny.toml"
+    path.write_text(TINY_CONFIG_TOML, encoding="utf-8")
+    return load_config(path)
 
 
 @pytest.fixture

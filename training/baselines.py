@@ -17,11 +17,7 @@ from training.split import MarketSplit
 
 def popularity(split: MarketSplit, n_rows: int) -> torch.Tensor:
     """Training interactions per item row in the split's market: (N,) float64."""
-    counts = torch.zeros(n_rows, dtype=torch.float64)
-    rows = [row for seq in split.train for row in seq]
-    if rows:
-        counts.index_add_(0, torch.as_tensor(rows), torch.ones(len(rows), dtype=torch.float64))
-    return counts
+    return torch.as_tensor(split.train_counts(n_rows), dtype=torch.float64)
 
 
 def pop_scorer(split: MarketSplit, n_rows: int) -> Scorer:

@@ -42,6 +42,11 @@ class MarketSplit:
     valid_negatives: np.ndarray | None = None
     test_negatives: np.ndarray | None = None
 
+    def train_counts(self, n_rows: int) -> np.ndarray:
+        """Training interactions per item row in this market: (n_rows,) int64."""
+        rows = np.asarray([row for seq in self.train for row in seq], dtype=np.int64)
+        return np.bincount(rows, minlength=n_rows)
+
     def catalogue(self) -> np.ndarray:
         """Rows of the items with a training interaction in this market (what it is known to
         sell before any held-out item is seen), sorted."""

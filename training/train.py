@@ -267,12 +267,9 @@ def new_model(prepared: Prepared, config: TrainConfig) -> Bert4XMR:
 
 def market_counts(split: MarketSplit, vocab: Vocab) -> dict[str, int]:
     """Interactions per item sold in the market (training part), most popular first."""
-    counts = dict.fromkeys(split.market_items.tolist(), 0)
-    for seq in split.train:
-        for row in seq:
-            counts[row] += 1
-    ordered = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
-    return {vocab.item_id(row): count for row, count in ordered}
+    counts = split.train_counts(vocab.n_rows)
+    rows = sorted(split.market_items.tolist(), key=lambda row: (-counts[row], row))
+    return {vocab.item_id(row): int(counts[row]) for row in rows}
 
 
 def pretrain(
