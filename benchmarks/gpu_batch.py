@@ -26,7 +26,7 @@ import torch
 from service.search import TorchSearch
 from training.checkpoint import Checkpoint, load_checkpoint
 from training.data import read_dataset
-from training.evaluate import pad_sessions
+from training.evaluate import encode_sessions
 
 
 @dataclass(frozen=True)
@@ -66,12 +66,8 @@ def load_market(artifacts: Path, data_sequences: dict[str, list[str]], name: str
 
 def run_batch(market: Market, sessions: list[list[int]], k: int, device: torch.device) -> None:
     """What `service.recommender.recommend_many` does per batch: pad, encode, search, to host."""
-    net = market.checkpoint.model
-    items = pad_sessions(sessions, net.config.max_len).to(device)  # (B, T)
-    rows = torch.full((len(sessions),), market.checkpoint.market_row, dtype=torch.long,
-                      device=device)  # (B,)
-    with torch.inference_mode():
-        users = net.encode(items, rows)  # (B, D)
+    users = encode_sessions(market.checkpoint.model, sessions, market.checkpoint.market_row,
+                            device)  # (B, D)
     market.search.search(users, k)  # numpy on the host: waits for the device
 
 

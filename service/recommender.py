@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from service.bundle import MarketModel
-from training.evaluate import pad_sessions
+from training.evaluate import encode_sessions
 
 POPULAR = "popular"
 
@@ -68,12 +68,8 @@ def resolve(model: MarketModel, query: Query) -> Resolved:
 
 def encode(model: MarketModel, sessions: list[list[int]]) -> torch.Tensor:
     """User vectors (B, D) on the model's device for sessions of item rows (one encoder call)."""
-    net = model.checkpoint.model
-    items = pad_sessions(sessions, net.config.max_len).to(model.device)  # (B, T)
-    market = torch.full((len(sessions),), model.checkpoint.market_row, dtype=torch.long,
-                        device=model.device)  # (B,)
-    with torch.inference_mode():
-        return net.encode(items, market)  # (B, D)
+    return encode_sessions(model.checkpoint.model, sessions, model.checkpoint.market_row,
+                           model.device)
 
 
 def popular_items(model: MarketModel, resolved: Resolved, k: int) -> list[tuple[str, float]]:

@@ -26,6 +26,17 @@ def pad_sessions(sessions: Sequence[Sequence[int]], max_len: int) -> torch.Tenso
     return torch.from_numpy(out)
 
 
+def encode_sessions(
+    model: Bert4XMR, sessions: Sequence[Sequence[int]], market_row: int,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """User vectors (B, D) on `device` for sessions of item rows in one market."""
+    items = pad_sessions(sessions, model.config.max_len).to(device)  # (B, T)
+    market = torch.full((len(sessions),), market_row, dtype=torch.long, device=device)  # (B,)
+    with torch.inference_mode():
+        return model.encode(items, market)
+
+
 def model_scorer(model: Bert4XMR, market_row: int, device: torch.device | str = "cpu") -> Scorer:
     """Scores of a model in eval mode; the market's item vectors are computed once."""
     model.eval()
@@ -33,10 +44,8 @@ def model_scorer(model: Bert4XMR, market_row: int, device: torch.device | str = 
         vectors = model.item_vectors(market_row).to(device)  # (N, D)
 
     def score(sessions: list[list[int]]) -> torch.Tensor:
-        items = pad_sessions(sessions, model.config.max_len).to(device)
-        market = torch.full((len(sessions),), market_row, dtype=torch.long, device=device)
-        with torch.no_grad():
-            return (model.encode(items, market) @ vectors.T).float().cpu()  # (B, N)
+        users = encode_sessions(model, sessions, market_row, device)  # (B, D)
+        return (users @ vectors.T).float().cpu()  # (B, N)
 
     return score
 
