@@ -173,7 +173,7 @@ def main() -> None:
         "load_average_before": load_before, "load_average_after": os.getloadavg(),
         "artifacts": str(artifacts), "train_s": train_s, "index_build": index,
         "server": {"ready_s": round(server.ready_s, 2), "env": server_env,
-                   "torch_threads": 1, "workers": 1},
+                   "threads": 1, "workers": 1},
         "memory": memory, "encoder_batches": batches, "workload": describe(requests),
         "plan": {"duration_s": args.duration, "rounds": args.rounds, "warmup_s": args.warmup,
                  "concurrency": concurrencies, "endpoints": endpoints},

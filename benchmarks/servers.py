@@ -103,7 +103,7 @@ def xmr_server(
     server_env = {
         **os.environ,
         "XMR_ARTIFACTS": str(artifacts), "XMR_HOST": HOST, "XMR_PORT": str(port),
-        "XMR_REDIS_URL": redis_url, "XMR_TORCH_THREADS": "1", "XMR_LOG_LEVEL": "WARNING",
+        "XMR_REDIS_URL": redis_url, "XMR_THREADS": "1", "XMR_LOG_LEVEL": "WARNING",
         **env,
     }
     url = f"http://{HOST}:{port}"

@@ -27,6 +27,7 @@ from service import errors
 from service.api import reload_bundle, router
 from service.batcher import Batcher
 from service.bundle import Registry, load_bundle
+from service.index import set_search_threads
 from service.metrics import Metrics
 from service.middleware import BodySizeLimit, RequestMetrics
 from service.sessions import create_session_store
@@ -141,9 +142,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        torch.set_num_threads(settings.torch_threads)
+        torch.set_num_threads(settings.threads)
+        set_search_threads(settings.threads)
         load = partial(load_bundle, settings.artifacts, settings.markets, settings.search,
-                       settings.device)
+                       settings.device, settings.encoder, settings.threads)
         bundle = await anyio.to_thread.run_sync(load)
         app.state.registry = Registry(load, bundle)
         metrics.set_models((m.market, m.model_version, m.index_version)
@@ -153,7 +155,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             settings.session_ttl_s, settings.session_max_items,
         )
         app.state.batcher = Batcher(settings.batch_max, settings.batch_wait_ms / 1000,
-                                    metrics.batch_size.observe)
+                                    metrics.batch_size.observe,
+                                    partial(set_search_threads, settings.threads))
         tasks: set[asyncio.Task[object]] = set()
         sighup = settings.reload_on_sighup and _install_sighup(app, tasks)
         logger.info("serving markets=%s store=%s search=%s device=%s",

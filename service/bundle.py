@@ -14,7 +14,14 @@ from pathlib import Path
 import anyio.to_thread
 import torch
 
-from service.errors import ArtifactsError, ReloadError, ServiceError, UnknownMarketError
+from service.encoder import Encoder, OnnxEncoder, SessionEncoder
+from service.errors import (
+    ArtifactsError,
+    IndexLoadError,
+    ReloadError,
+    ServiceError,
+    UnknownMarketError,
+)
 from service.index import MarketIndex, load_index
 from training.checkpoint import MANIFEST, Checkpoint, CheckpointError, load_checkpoint
 
@@ -30,6 +37,7 @@ class MarketModel:
     index: MarketIndex
     popular: list[tuple[str, int]]  # (item id, interactions), most popular first
     device: torch.device
+    encoder: Encoder  # the checkpoint's encoder in its serving form
 
     @property
     def model_version(self) -> str:
@@ -72,18 +80,38 @@ def discover_markets(artifacts: Path) -> list[str]:
     return sorted(p.name for p in root.iterdir() if (p / MANIFEST).is_file())
 
 
-def load_market(artifacts: Path, market: str, search: str, device: torch.device) -> MarketModel:
+def market_encoder(checkpoint: Checkpoint, index: MarketIndex, kind: str, device: torch.device,
+                   threads: int) -> Encoder:
+    """The encoder that serves: ONNX Runtime on the CPU ("auto" there), torch on a GPU."""
+    if kind == "auto":
+        kind = "onnx" if device.type == "cpu" else "torch"
+    if kind == "torch":
+        return SessionEncoder(checkpoint.model, checkpoint.market_row)
+    if device.type != "cpu":
+        raise ArtifactsError(f"encoder 'onnx' runs on the CPU only, not on {device}; "
+                             "use encoder 'torch' or 'auto' with a GPU")
+    try:
+        return OnnxEncoder(index.encoder_path, checkpoint.manifest.model_config.max_len, threads)
+    except Exception as e:  # ONNX Runtime's own error types (bad graph, bad file)
+        raise IndexLoadError(f"{index.encoder_path}: ONNX Runtime cannot load it ({e}); "
+                             "rebuild with `xmr index build`") from e
+
+
+def load_market(artifacts: Path, market: str, search: str, device: torch.device,
+                encoder: str = "auto", threads: int = 1) -> MarketModel:
     market_dir = artifacts / "markets" / market
     checkpoint = load_checkpoint(market_dir, map_location=device)
     if checkpoint.manifest.market != market or checkpoint.market_items is None:
         raise ArtifactsError(f"{market_dir}: not the market checkpoint of {market!r}")
     index = load_index(market_dir, checkpoint, search, device.type)
     popular = list(checkpoint.market_items.items())
-    return MarketModel(market, checkpoint, index, popular, device)
+    return MarketModel(market, checkpoint, index, popular, device,
+                       market_encoder(checkpoint, index, encoder, device, threads))
 
 
 def load_bundle(
-    artifacts: Path, markets: list[str] | None, search: str, device: str
+    artifacts: Path, markets: list[str] | None, search: str, device: str,
+    encoder: str = "auto", threads: int = 1,
 ) -> Bundle:
     """Load every market (or the `markets` subset); any failure fails the whole bundle."""
     resolved = resolve_device(device)
@@ -93,7 +121,7 @@ def load_bundle(
     loaded: dict[str, MarketModel] = {}
     for market in names:
         try:
-            loaded[market] = load_market(artifacts, market, search, resolved)
+            loaded[market] = load_market(artifacts, market, search, resolved, encoder, threads)
         except CheckpointError as e:
             raise ArtifactsError(str(e)) from e
         logger.info("market loaded market=%s model_version=%s index_version=%s n_items=%d",

@@ -1,6 +1,7 @@
-"""Per-market FAISS indexes: build them from a market checkpoint, write them atomically with a
-manifest that ties them to the checkpoint's weights, load and check them. The only module that
-imports `faiss`.
+"""Per-market serving artifacts: a FAISS index of the market's item vectors and the market's
+encoder exported to ONNX. Built from a market checkpoint, written atomically with a manifest
+that ties both to the checkpoint's weights, loaded and checked. The only module that imports
+`faiss`.
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -18,6 +20,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ValidationError
 
+from service.encoder import export_onnx
 from service.errors import IndexLoadError, IndexMismatchError
 from service.search import Search, TorchSearch
 from training.checkpoint import Checkpoint, file_sha256, load_checkpoint
@@ -25,7 +28,7 @@ from training.checkpoint import Checkpoint, file_sha256, load_checkpoint
 logger = logging.getLogger(__name__)
 
 INDEX_MANIFEST = "index.json"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the exported encoder joined the index
 
 
 class IndexManifest(BaseModel):
@@ -37,6 +40,8 @@ class IndexManifest(BaseModel):
     index_file: str
     version: str  # first 12 hex digits of the index file's sha256
     sha256: str
+    encoder_file: str  # encoder-<12 hex>.onnx: the market's encoder (service.encoder)
+    encoder_sha256: str
     weights_sha256: str
     model_version: str
     n_items: int
@@ -53,6 +58,7 @@ class MarketIndex:
     vectors: np.ndarray  # (N, D) market-shifted item vectors, float32, never normalised
     position: np.ndarray  # (n_rows,) index position of each item row, -1 if not in the market
     search: Search
+    encoder_path: Path  # the checked ONNX export of the market's encoder
 
     def score(self, user: np.ndarray, rows: list[int]) -> np.ndarray:
         """Exact scores of the given item rows (all in the index) for one user vector (D,)."""
@@ -77,23 +83,37 @@ def _fsync_write(path: Path, text: str) -> None:
         os.fsync(f.fileno())
 
 
+def _write_addressed(market_dir: Path, prefix: str, suffix: str,
+                     write: Callable[[Path], None]) -> tuple[str, str]:
+    """Write through a temporary file to `<prefix>-<sha12><suffix>`; (file name, sha256)."""
+    tmp = market_dir / f".{prefix}-{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        write(tmp)
+        sha = file_sha256(tmp)
+        name = f"{prefix}-{sha[:12]}{suffix}"
+        os.replace(tmp, market_dir / name)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return name, sha
+
+
 def build_index(market_dir: Path) -> IndexManifest:
-    """Write `index-<version>.faiss`, then atomically replace `index.json`; old indexes go."""
+    """Write `index-<version>.faiss` and `encoder-<sha>.onnx`, then atomically replace
+    `index.json`; the files of earlier builds go."""
     checkpoint = load_checkpoint(market_dir)
     manifest = checkpoint.manifest
     rows, vectors = market_vectors(checkpoint)
     index = faiss.IndexIDMap(faiss.IndexFlatIP(vectors.shape[1]))
     index.add_with_ids(vectors, rows)
-    tmp = market_dir / f".index-{uuid.uuid4().hex[:8]}.tmp"
-    try:
-        faiss.write_index(index, str(tmp))
-        sha = file_sha256(tmp)
-        index_file = f"index-{sha[:12]}.faiss"
-        os.replace(tmp, market_dir / index_file)
-    finally:
-        tmp.unlink(missing_ok=True)
+    index_file, sha = _write_addressed(market_dir, "index", ".faiss",
+                                       lambda path: faiss.write_index(index, str(path)))
+    encoder_file, encoder_sha = _write_addressed(
+        market_dir, "encoder", ".onnx",
+        lambda path: export_onnx(checkpoint.model, checkpoint.market_row, path),
+    )
     result = IndexManifest(
         market=str(manifest.market), index_file=index_file, version=sha[:12], sha256=sha,
+        encoder_file=encoder_file, encoder_sha256=encoder_sha,
         weights_sha256=manifest.weights_sha256, model_version=manifest.version,
         n_items=len(rows), dim=int(vectors.shape[1]),
         built_at=datetime.now(UTC).isoformat(timespec="seconds"),
@@ -104,8 +124,8 @@ def build_index(market_dir: Path) -> IndexManifest:
         os.replace(tmp_manifest, market_dir / INDEX_MANIFEST)
     finally:
         tmp_manifest.unlink(missing_ok=True)
-    for old in market_dir.glob("index-*.faiss"):
-        if old.name != index_file:
+    for old in [*market_dir.glob("index-*.faiss"), *market_dir.glob("encoder-*.onnx")]:
+        if old.name not in (index_file, encoder_file):
             old.unlink(missing_ok=True)
     logger.info("index built market=%s version=%s n_items=%d", result.market, result.version,
                 result.n_items)
@@ -127,6 +147,13 @@ def read_index_manifest(market_dir: Path) -> IndexManifest:
         raise IndexLoadError(f"{path}: schema_version {manifest.schema_version}, "
                              f"this reader knows {SCHEMA_VERSION}")
     return manifest
+
+
+def set_search_threads(threads: int) -> None:
+    """FAISS's OpenMP threads for searches made from the calling thread (OpenMP counts are per
+    thread). The default, one per core, left idle threads spinning after each small search:
+    a second core burnt at no gain (measured)."""
+    faiss.omp_set_num_threads(threads)
 
 
 def gpu_faiss_available() -> bool:
@@ -160,15 +187,9 @@ def load_index(market_dir: Path, checkpoint: Checkpoint, search: str, device: st
             f"{market_dir / INDEX_MANIFEST}: built from weights {manifest.weights_sha256[:12]}, "
             f"but the checkpoint holds {expected[:12]}; rebuild with `xmr index build`"
         )
-    path = market_dir / manifest.index_file
-    if path.parent != market_dir or not path.name.startswith("index-"):
-        raise IndexLoadError(
-            f"{market_dir / INDEX_MANIFEST}: bad index_file {manifest.index_file!r}"
-        )
-    if not path.is_file():
-        raise IndexLoadError(f"{path}: missing (named by {INDEX_MANIFEST})")
-    if file_sha256(path) != manifest.sha256:
-        raise IndexLoadError(f"{path}: sha256 does not match {INDEX_MANIFEST} (corrupt file)")
+    path = _checked_file(market_dir, "index_file", manifest.index_file, manifest.sha256)
+    encoder_path = _checked_file(market_dir, "encoder_file", manifest.encoder_file,
+                                 manifest.encoder_sha256)
     try:
         index = faiss.read_index(str(path))  # keep this owner alive: downcasts borrow from it
     except RuntimeError as e:
@@ -191,5 +212,18 @@ def load_index(market_dir: Path, checkpoint: Checkpoint, search: str, device: st
         backend = FaissSearch(index, gpu=device != "cpu")
     else:  # torch search, or a GPU without FAISS GPU: exact top-K in torch on the device
         backend = TorchSearch(rows, vectors, device)
-    return MarketIndex(manifest, rows, vectors, position, backend)
+    return MarketIndex(manifest, rows, vectors, position, backend, encoder_path)
+
+
+def _checked_file(market_dir: Path, field: str, name: str, sha256: str) -> Path:
+    """A file named by index.json's `field`: in the market directory, present, not corrupt."""
+    path = market_dir / name
+    prefix = field.removesuffix("_file") + "-"
+    if path.parent != market_dir or not path.name.startswith(prefix):
+        raise IndexLoadError(f"{market_dir / INDEX_MANIFEST}: bad {field} {name!r}")
+    if not path.is_file():
+        raise IndexLoadError(f"{path}: missing (named by {INDEX_MANIFEST})")
+    if file_sha256(path) != sha256:
+        raise IndexLoadError(f"{path}: sha256 does not match {INDEX_MANIFEST} (corrupt file)")
+    return path
 

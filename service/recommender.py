@@ -10,7 +10,6 @@ import numpy as np
 import torch
 
 from service.bundle import MarketModel
-from training.evaluate import encode_sessions
 
 POPULAR = "popular"
 
@@ -68,8 +67,7 @@ def resolve(model: MarketModel, query: Query) -> Resolved:
 
 def encode(model: MarketModel, sessions: list[list[int]]) -> torch.Tensor:
     """User vectors (B, D) on the model's device for sessions of item rows (one encoder call)."""
-    return encode_sessions(model.checkpoint.model, sessions, model.checkpoint.market_row,
-                           model.device)
+    return model.encoder.encode(sessions)
 
 
 def popular_items(model: MarketModel, resolved: Resolved, k: int) -> list[tuple[str, float]]:

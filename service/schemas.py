@@ -67,6 +67,7 @@ class MarketInfo(BaseModel):
     index_version: str
     n_items: int = Field(description="Items sold in the market (indexed).")
     search: str
+    encoder: str = Field(description="Session encoder: onnx (ONNX Runtime) or torch.")
     device: str
 
 

@@ -1,6 +1,6 @@
 """Session state: a capped list of item ids per market and session, with a TTL. Redis when a URL
-is configured (one MULTI/EXEC round trip per request), in-process otherwise. The only module
-that knows the Redis key format.
+is configured (one atomic script call per request), in-process otherwise. The only module that
+knows the Redis key format.
 """
 
 from __future__ import annotations
@@ -19,6 +19,21 @@ from service.errors import SessionNotFoundError, SessionStoreUnavailableError
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
+
+
+# Append, cap, refresh the TTL and read back, atomically in one round trip (a Lua script runs
+# alone on the server, like MULTI/EXEC). One command and one reply instead of MULTI, four
+# commands and EXEC: about a third of the client-side work, which runs on the event loop.
+# KEYS[1] the session; ARGV = max_items, ttl_s, items... (pushed in slices: Lua's unpack() has
+# a stack limit near 8000 values).
+APPEND_SCRIPT = """
+for i = 3, #ARGV, 1000 do
+  redis.call('RPUSH', KEYS[1], unpack(ARGV, i, math.min(i + 999, #ARGV)))
+end
+redis.call('LTRIM', KEYS[1], -tonumber(ARGV[1]), -1)
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+return redis.call('LRANGE', KEYS[1], 0, -1)
+"""
 
 
 def session_key(market: str, session_id: str) -> str:
@@ -108,6 +123,7 @@ class RedisSessionStore:
         self.client = client
         self.ttl_s = ttl_s
         self.max_items = max_items
+        self._append = client.register_script(APPEND_SCRIPT)  # EVALSHA, loaded on NOSCRIPT
 
     @classmethod
     def from_url(
@@ -132,16 +148,11 @@ class RedisSessionStore:
         key = session_key(market, session_id)
 
         async def run() -> list[Any]:
-            async with self.client.pipeline(transaction=True) as pipe:
-                if items:
-                    pipe.rpush(key, *items)
-                pipe.ltrim(key, -self.max_items, -1)
-                pipe.expire(key, self.ttl_s)
-                pipe.lrange(key, 0, -1)
-                return await pipe.execute()
+            return await self._append(  # type: ignore[no-any-return]
+                keys=[key], args=[self.max_items, self.ttl_s, *items]
+            )
 
-        results = await self._call("append", run)
-        return list(results[-1])
+        return [str(item) for item in await self._call("append", run)]
 
     async def get(self, market: str, session_id: str) -> list[str]:
         key = session_key(market, session_id)

@@ -34,7 +34,11 @@ class Settings(BaseSettings):
     )
     device: Literal["cpu", "cuda", "auto"] = "cpu"
     search: Literal["faiss", "torch"] = "faiss"
-    torch_threads: int = Field(default=1, ge=1, description="torch.set_num_threads in the server.")
+    encoder: Literal["auto", "onnx", "torch"] = Field(
+        default="auto", description="Session encoder: ONNX Runtime (CPU) or torch; auto = ONNX "
+        "Runtime on the CPU, torch on a GPU.")
+    threads: int = Field(
+        default=1, ge=1, description="Compute threads of the server: torch, ONNX Runtime, FAISS.")
     markets: Annotated[list[str] | None, NoDecode] = Field(
         default=None, description="Comma list of markets to serve (default: all built ones)."
     )

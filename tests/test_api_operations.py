@@ -46,7 +46,7 @@ def test_markets_lists_versions_and_counts(make_service_client, service_artifact
         assert ckpt.market_items is not None
         assert info["model_version"] == ckpt.manifest.version
         assert info["n_items"] == len(ckpt.market_items)
-        assert info["search"] == "faiss" and info["device"] == "cpu"
+        assert info["search"] == "faiss" and info["device"] == "cpu" and info["encoder"] == "onnx"
 
 
 def test_markets_setting_serves_a_subset(make_service_client) -> None:
@@ -174,7 +174,7 @@ def test_reload_under_concurrent_requests_never_fails_or_mixes(make_service_clie
 @pytest.mark.slow
 def test_xmr_serve_reloads_on_sighup(artifacts_copy: Path) -> None:
     port = free_port()
-    env = {**os.environ, "XMR_TORCH_THREADS": "1"}
+    env = {**os.environ, "XMR_THREADS": "1"}
     process = subprocess.Popen(
         [sys.executable, "-m", "service.cli", "serve", "--artifacts", str(artifacts_copy),
          "--port", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,

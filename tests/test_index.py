@@ -13,7 +13,7 @@ from service.bundle import load_bundle
 from service.errors import IndexLoadError, IndexMismatchError
 from service.index import INDEX_MANIFEST, build_index, load_index, read_index_manifest
 from service.recommender import Query, encode, recommend_many
-from training.checkpoint import load_checkpoint, save_checkpoint
+from training.checkpoint import file_sha256, load_checkpoint, save_checkpoint
 
 
 def model_top_k(artifacts: Path, market: str, items: list[str], k: int) -> list[tuple[str, float]]:
@@ -116,3 +116,43 @@ def test_corrupt_or_missing_index_is_refused(artifacts_copy: Path) -> None:
     (market_dir / INDEX_MANIFEST).unlink()
     with pytest.raises(IndexLoadError, match="xmr index build"):
         load_index(market_dir, ckpt, "faiss", "cpu")
+
+
+def test_corrupt_missing_or_unloadable_encoder_is_refused(artifacts_copy: Path) -> None:
+    market_dir = artifacts_copy / "markets" / "cc"
+    ckpt = load_checkpoint(market_dir)
+    manifest = read_index_manifest(market_dir)
+    encoder = market_dir / manifest.encoder_file
+    good = encoder.read_bytes()
+    encoder.write_bytes(good[:-1] + bytes([good[-1] ^ 1]))
+    with pytest.raises(IndexLoadError, match="corrupt"):
+        load_index(market_dir, ckpt, "faiss", "cpu")
+    encoder.unlink()
+    with pytest.raises(IndexLoadError, match="missing"):
+        load_index(market_dir, ckpt, "faiss", "cpu")
+    # a file that matches its manifest but is no ONNX graph: refused when the bundle loads
+    encoder.write_bytes(b"not an onnx graph")
+    data = json.loads((market_dir / INDEX_MANIFEST).read_text())
+    data["encoder_sha256"] = file_sha256(encoder)
+    (market_dir / INDEX_MANIFEST).write_text(json.dumps(data))
+    with pytest.raises(IndexLoadError, match="ONNX Runtime cannot load"):
+        load_bundle(artifacts_copy, ["cc"], "faiss", "cpu", encoder="onnx")
+    assert load_bundle(artifacts_copy, ["cc"], "faiss", "cpu", encoder="torch").markets["cc"]
+
+
+def test_served_encoders_agree_with_the_checkpoint(service_artifacts: Path) -> None:
+    """ONNX Runtime (the CPU default) and the torch serving form give the module's vectors."""
+    onnx = load_bundle(service_artifacts, None, "faiss", "cpu")
+    plain = load_bundle(service_artifacts, None, "faiss", "cpu", encoder="torch")
+    for market, model in onnx.markets.items():
+        assert model.encoder.kind == "onnx" and plain.markets[market].encoder.kind == "torch"
+        sessions = [[int(r) for r in model.index.rows[i : i + n]] for i, n in
+                    [(0, 1), (3, 7), (10, 60)]]
+        ckpt = model.checkpoint
+        with torch.inference_mode():
+            want = torch.stack([ckpt.model.encode(torch.tensor([s[-ckpt.model.config.max_len:]]),
+                                                  torch.tensor([ckpt.market_row]))[0]
+                                for s in sessions])
+        torch.testing.assert_close(model.encoder.encode(sessions), want, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(plain.markets[market].encoder.encode(sessions), want,
+                                   rtol=1e-4, atol=1e-5)

@@ -48,7 +48,7 @@ def test_settings_read_xmr_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     settings = Settings()
     assert settings.artifacts == Path("/srv/a") and settings.port == 9001
     assert settings.redis_url == "redis://r:6379/0" and settings.markets == ["de", "fr"]
-    assert settings.max_k == 50 and settings.device == "cpu" and settings.torch_threads == 1
+    assert settings.max_k == 50 and settings.device == "cpu" and settings.threads == 1
     assert Settings(port=1).port == 1  # explicit values win over the environment
 
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from service.bundle import load_bundle
+from service.errors import ArtifactsError
 from service.recommender import Query, recommend_many
 
 pytestmark = [
@@ -46,3 +47,10 @@ def test_app_serves_from_cuda(make_service_client, service_artifacts: Path) -> N
     assert {m["device"].split(":")[0] for m in markets} == {"cuda"}
     assert [i["item_id"] for i in on_gpu["items"]] == [i["item_id"] for i in on_cpu["items"]]
 
+
+
+def test_cuda_uses_the_torch_encoder_and_refuses_onnx(service_artifacts: Path) -> None:
+    bundle = load_bundle(service_artifacts, None, "torch", "cuda")
+    assert {m.encoder.kind for m in bundle.markets.values()} == {"torch"}
+    with pytest.raises(ArtifactsError, match="CPU only"):
+        load_bundle(service_artifacts, None, "torch", "cuda", encoder="onnx")

@@ -1,0 +1,79 @@
+"""The serving encoder computes what the training module computes, for every model option."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from service.encoder import OnnxEncoder, SessionEncoder, export_onnx
+from training.model import Bert4XMR, ModelConfig
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def trained_looking(config: ModelConfig, seed: int) -> Bert4XMR:
+    """A model whose every weight, norms included, is away from its initial value."""
+    torch.manual_seed(seed)
+    model = Bert4XMR(config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name != "market_emb.weight" or config.market_embedding:
+                param.add_(torch.randn_like(param) * 0.3)
+        model.item_emb.weight[0].zero_()
+    return model.eval()
+
+
+def sessions(n_rows: int, max_len: int, seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    lengths = [1, 2, max_len, max_len + 7, *(rng.randint(1, max_len) for _ in range(12))]
+    return [[rng.randrange(1, n_rows) for _ in range(n)] for n in lengths]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"market_embedding": False},
+        {"position_embedding": True},
+        {"output_projection": True, "n_layers": 1, "n_heads": 4},
+        {"n_layers": 3, "d_model": 32, "d_ff": 64, "max_len": 8},
+    ],
+)
+def test_serving_encoder_equals_module(options: dict[str, object], device: str) -> None:
+    config = ModelConfig(n_rows=300, n_markets=3, **options)  # type: ignore[arg-type]
+    model = trained_looking(config, seed=len(options)).to(device)
+    for market in range(config.n_markets):
+        batch = sessions(config.n_rows, config.max_len, seed=market)
+        encoder = SessionEncoder(model, market)
+        got = encoder.encode(batch)
+        with torch.inference_mode():
+            items = torch.zeros(len(batch), config.max_len, dtype=torch.long)
+            for b, s in enumerate(batch):
+                tail = s[-config.max_len:]
+                items[b, : len(tail)] = torch.tensor(tail)
+            want = model.encode(items.to(device), torch.full((len(batch),), market, device=device))
+        assert got.shape == (len(batch), config.d_model) and got.device.type == device
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+        # alone or in a padded batch, a session gets the same vector
+        torch.testing.assert_close(encoder.encode(batch[4:5])[0], got[4], rtol=1e-4, atol=1e-5)
+
+
+def test_serving_encoder_refuses_other_layer_shapes() -> None:
+    model = Bert4XMR(ModelConfig(n_rows=10, n_markets=1))
+    model.encoder.layers[0].norm_first = False
+    with pytest.raises(ValueError, match="pre-norm"):
+        SessionEncoder(model, 0)
+
+
+def test_onnx_export_equals_module(tmp_path) -> None:
+    config = ModelConfig(n_rows=300, n_markets=3, position_embedding=True, max_len=12)
+    model = trained_looking(config, seed=7)
+    export_onnx(model, 2, tmp_path / "encoder.onnx")
+    onnx = OnnxEncoder(tmp_path / "encoder.onnx", config.max_len)
+    batch = sessions(config.n_rows, config.max_len, seed=2)
+    torch.testing.assert_close(onnx.encode(batch), SessionEncoder(model, 2).encode(batch),
+                               rtol=1e-4, atol=1e-5)
+    assert onnx.encode([[5]]).shape == (1, config.d_model)  # dynamic batch and length
