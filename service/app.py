@@ -154,9 +154,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             settings.redis_url, settings.redis_pool_size, settings.redis_timeout_s,
             settings.session_ttl_s, settings.session_max_items,
         )
+        on_gpu = any(m.device.type != "cpu" for m in bundle.markets.values())
+        in_thread = settings.batch_in == "thread" or (settings.batch_in == "auto" and on_gpu)
         app.state.batcher = Batcher(settings.batch_max, settings.batch_wait_ms / 1000,
                                     metrics.batch_size.observe,
-                                    partial(set_search_threads, settings.threads))
+                                    partial(set_search_threads, settings.threads), in_thread)
         tasks: set[asyncio.Task[object]] = set()
         sighup = settings.reload_on_sighup and _install_sighup(app, tasks)
         logger.info("serving markets=%s store=%s search=%s device=%s",

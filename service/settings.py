@@ -51,6 +51,9 @@ class Settings(BaseSettings):
     batch_wait_ms: float = Field(
         default=0.0, ge=0, description="How long a batch waits for more requests to join."
     )
+    batch_in: Literal["auto", "loop", "thread"] = Field(
+        default="auto", description="Where a batch is encoded: on the event loop or in one "
+        "encoder thread; auto = the loop on the CPU, the thread on a GPU.")
     reload_on_sighup: bool = Field(default=True, description="Reload on SIGHUP (main thread).")
 
     @field_validator("markets", mode="before")

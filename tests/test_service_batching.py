@@ -30,12 +30,13 @@ async def submit_all(
     return list(results)
 
 
-def test_batched_results_equal_unbatched(service_artifacts: Path) -> None:
+@pytest.mark.parametrize("in_thread", [False, True])
+def test_batched_results_equal_unbatched(service_artifacts: Path, in_thread: bool) -> None:
     bundle = load_bundle(service_artifacts, None, "faiss", "cpu")
     jobs = [(model, q) for model in bundle.markets.values()
             for q in queries_for([i for i, _ in model.popular])]
     sizes: list[int] = []
-    batched = asyncio.run(submit_all(Batcher(16, 0.005, sizes.append), jobs))
+    batched = asyncio.run(submit_all(Batcher(16, 0.005, sizes.append, in_thread=in_thread), jobs))
     assert max(sizes) > 1 and sum(sizes) == len(jobs)
     for (model, query), got in zip(jobs, batched, strict=True):
         alone = recommend_many(model, [query])[0]
@@ -47,8 +48,9 @@ def test_batched_results_equal_unbatched(service_artifacts: Path) -> None:
                                    [s for _, s in alone.items], rtol=1e-5)
 
 
+@pytest.mark.parametrize("in_thread", [False, True])
 def test_batch_failure_reaches_every_waiter_and_batcher_recovers(
-    service_artifacts: Path, monkeypatch: pytest.MonkeyPatch
+    service_artifacts: Path, monkeypatch: pytest.MonkeyPatch, in_thread: bool
 ) -> None:
     model = load_bundle(service_artifacts, ["aa"], "faiss", "cpu").market("aa")
 
@@ -56,7 +58,7 @@ def test_batch_failure_reaches_every_waiter_and_batcher_recovers(
         raise RuntimeError("encoder exploded")
 
     async def run() -> None:
-        batcher = Batcher(8, 0.005)
+        batcher = Batcher(8, 0.005, in_thread=in_thread)
         with monkeypatch.context() as patch:
             patch.setattr(service.batcher, "recommend_many", broken)
             outcomes = await asyncio.gather(
