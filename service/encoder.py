@@ -166,6 +166,9 @@ class OnnxEncoder:
         options.inter_op_num_threads = 1
         options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
         options.log_severity_level = 3  # errors only
+        # Idle intra-op threads sleep instead of spinning (with XMR_THREADS > 1): spinning
+        # threads take cores from the event loop and Redis on a small machine.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.max_len = max_len
         self.session = onnxruntime.InferenceSession(
             str(path), options, providers=["CPUExecutionProvider"]
