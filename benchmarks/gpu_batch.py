@@ -1,9 +1,10 @@
 """Batch throughput of the service's encode + search path: real sessions per second, encoded by
 each market's checkpoint and searched exactly with torch, on a GPU when there is one.
 
-Needs torch, numpy and safetensors only: it uses the model (`training.checkpoint.load_checkpoint`,
-`encode`, `item_vectors`) and the service's torch search (`service.search.TorchSearch`), not
-`service.recommender`, whose imports pull in faiss through `service.index`.
+Needs torch, numpy and safetensors only: it uses the checkpoint (`training.checkpoint`), the
+service's GPU serving encoder (`service.encoder.SessionEncoder`) and torch search
+(`service.search.TorchSearch`), not `service.recommender`, whose imports pull in faiss through
+`service.index`.
 
     python benchmarks/gpu_batch.py --artifacts DIR --data DIR [--device auto] [--out FILE.json]
 """
@@ -23,10 +24,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from service.encoder import SessionEncoder
 from service.search import TorchSearch
 from training.checkpoint import Checkpoint, load_checkpoint
 from training.data import read_dataset
-from training.evaluate import encode_sessions
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,7 @@ class Market:
     checkpoint: Checkpoint
     search: TorchSearch
     sessions: list[list[int]]  # real users' last max_len items, as rows
+    encoder: SessionEncoder
 
 
 @dataclass(frozen=True)
@@ -61,13 +63,13 @@ def load_market(artifacts: Path, data_sequences: dict[str, list[str]], name: str
         known = [r for r in (checkpoint.vocab.get(i) for i in sequence) if r is not None]
         if known:
             sessions.append(known[-max_len:])
-    return Market(name, checkpoint, TorchSearch(rows, picked, str(device)), sessions)
+    return Market(name, checkpoint, TorchSearch(rows, picked, str(device)), sessions,
+                  SessionEncoder(checkpoint.model, checkpoint.market_row))
 
 
 def run_batch(market: Market, sessions: list[list[int]], k: int, device: torch.device) -> None:
     """What `service.recommender.recommend_many` does per batch: pad, encode, search, to host."""
-    users = encode_sessions(market.checkpoint.model, sessions, market.checkpoint.market_row,
-                            device)  # (B, D)
+    users = market.encoder.encode(sessions)  # (B, D) on the checkpoint's device
     market.search.search(users, k)  # numpy on the host: waits for the device
 
 

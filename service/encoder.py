@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Protocol
 
 import numpy as np
-import onnxruntime
 import torch
 import torch.nn.functional as F
 
@@ -161,6 +160,9 @@ class OnnxEncoder:
     device = torch.device("cpu")
 
     def __init__(self, path: Path, max_len: int, threads: int = 1) -> None:
+        # Imported here: a GPU host serving with the torch encoder needs no ONNX Runtime.
+        import onnxruntime
+
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
