@@ -1,7 +1,7 @@
 """Per-market serving artifacts: a FAISS index of the market's item vectors and the market's
 encoder exported to ONNX. Built from a market checkpoint, written atomically with a manifest
 that ties both to the checkpoint's weights, loaded and checked. The only module that imports
-`faiss`.
+`faiss`, and only on first use: a GPU host serving with torch search needs no FAISS.
 """
 
 from __future__ import annotations
@@ -13,9 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-import faiss
 import numpy as np
 import torch
 from pydantic import BaseModel, ValidationError
@@ -65,6 +64,17 @@ class MarketIndex:
         return self.vectors[self.position[rows]] @ user.astype(np.float32)  # (len(rows),)
 
 
+def _faiss() -> Any:
+    try:
+        import faiss
+    except ImportError as e:
+        raise IndexLoadError(
+            "FAISS is not installed (faiss-cpu, or faiss-gpu): build indexes where it is, or "
+            "serve with XMR_SEARCH=torch, which needs only torch"
+        ) from e
+    return faiss
+
+
 def market_vectors(checkpoint: Checkpoint) -> tuple[np.ndarray, np.ndarray]:
     """Rows of the items sold in the checkpoint's market and their vectors v_m(i): (N,), (N, D)."""
     if checkpoint.market_items is None:
@@ -103,6 +113,7 @@ def build_index(market_dir: Path) -> IndexManifest:
     checkpoint = load_checkpoint(market_dir)
     manifest = checkpoint.manifest
     rows, vectors = market_vectors(checkpoint)
+    faiss = _faiss()
     index = faiss.IndexIDMap(faiss.IndexFlatIP(vectors.shape[1]))
     index.add_with_ids(vectors, rows)
     index_file, sha = _write_addressed(market_dir, "index", ".faiss",
@@ -152,21 +163,26 @@ def read_index_manifest(market_dir: Path) -> IndexManifest:
 def set_search_threads(threads: int) -> None:
     """FAISS's OpenMP threads for searches made from the calling thread (OpenMP counts are per
     thread). The default, one per core, left idle threads spinning after each small search:
-    a second core burnt at no gain (measured)."""
+    a second core burnt at no gain (measured). Nothing to set without FAISS."""
+    try:
+        faiss = _faiss()
+    except IndexLoadError:
+        return
     faiss.omp_set_num_threads(threads)
 
 
 def gpu_faiss_available() -> bool:
-    get_num_gpus = getattr(faiss, "get_num_gpus", None)
+    get_num_gpus = getattr(_faiss(), "get_num_gpus", None)
     return get_num_gpus is not None and get_num_gpus() > 0
 
 
 class FaissSearch:
     """FAISS exact inner-product search (`IndexIDMap(IndexFlatIP)`), on a GPU when asked."""
 
-    def __init__(self, index: faiss.Index, gpu: bool = False) -> None:
+    def __init__(self, index: Any, gpu: bool = False) -> None:
         self.kind = "faiss"
         if gpu:
+            faiss = _faiss()
             self._resources = faiss.StandardGpuResources()
             index = faiss.index_cpu_to_gpu(self._resources, 0, index)
             self.kind = "faiss-gpu"
@@ -190,6 +206,12 @@ def load_index(market_dir: Path, checkpoint: Checkpoint, search: str, device: st
     path = _checked_file(market_dir, "index_file", manifest.index_file, manifest.sha256)
     encoder_path = _checked_file(market_dir, "encoder_file", manifest.encoder_file,
                                  manifest.encoder_sha256)
+    if search == "torch":
+        # The weights are the index's (checked above): the vectors come from them, no FAISS.
+        rows, vectors = market_vectors(checkpoint)
+        return MarketIndex(manifest, rows, vectors, _positions(checkpoint, rows),
+                           TorchSearch(rows, vectors, device), encoder_path)
+    faiss = _faiss()
     try:
         index = faiss.read_index(str(path))  # keep this owner alive: downcasts borrow from it
     except RuntimeError as e:
@@ -205,14 +227,20 @@ def load_index(market_dir: Path, checkpoint: Checkpoint, search: str, device: st
     expected_rows = set(checkpoint.vocab.indices(sold))
     if index.d != checkpoint.manifest.model_config.d_model or set(rows.tolist()) != expected_rows:
         raise IndexMismatchError(f"{path}: items or width differ from the checkpoint's market")
+    backend: Search
+    if device == "cpu" or gpu_faiss_available():
+        backend = FaissSearch(index, gpu=device != "cpu")
+    else:  # a GPU without FAISS GPU: exact top-K in torch on the device
+        backend = TorchSearch(rows, vectors, device)
+    return MarketIndex(manifest, rows, vectors, _positions(checkpoint, rows), backend,
+                       encoder_path)
+
+
+def _positions(checkpoint: Checkpoint, rows: np.ndarray) -> np.ndarray:
+    """(n_rows,) index position of each item row, -1 where the market does not sell it."""
     position = np.full(checkpoint.vocab.n_rows, -1, dtype=np.int64)
     position[rows] = np.arange(len(rows))
-    backend: Search
-    if search == "faiss" and (device == "cpu" or gpu_faiss_available()):
-        backend = FaissSearch(index, gpu=device != "cpu")
-    else:  # torch search, or a GPU without FAISS GPU: exact top-K in torch on the device
-        backend = TorchSearch(rows, vectors, device)
-    return MarketIndex(manifest, rows, vectors, position, backend, encoder_path)
+    return position
 
 
 def _checked_file(market_dir: Path, field: str, name: str, sha256: str) -> Path:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -156,3 +157,21 @@ def test_served_encoders_agree_with_the_checkpoint(service_artifacts: Path) -> N
         torch.testing.assert_close(model.encoder.encode(sessions), want, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(plain.markets[market].encoder.encode(sessions), want,
                                    rtol=1e-4, atol=1e-5)
+
+
+def test_torch_search_serves_without_faiss(service_artifacts: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """A host without FAISS (the lent GPU machine has none) serves with XMR_SEARCH=torch, the
+    same rankings; asking for FAISS there fails naming what is missing."""
+    with_faiss = load_bundle(service_artifacts, None, "faiss", "cpu")
+    monkeypatch.setitem(sys.modules, "faiss", None)  # `import faiss` now raises ImportError
+    without = load_bundle(service_artifacts, None, "torch", "cpu", encoder="torch")
+    for market, model in without.markets.items():
+        assert model.index.search.kind == "torch"
+        query = Query([i for i, _ in model.popular[:3]], k=5)
+        got = recommend_many(model, [query])[0].items
+        want = recommend_many(with_faiss.markets[market], [query])[0].items
+        assert [i for i, _ in got] == [i for i, _ in want]
+        np.testing.assert_allclose([s for _, s in got], [s for _, s in want], rtol=1e-4)
+    with pytest.raises(IndexLoadError, match="FAISS is not installed"):
+        load_bundle(service_artifacts, None, "faiss", "cpu")
