@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -223,3 +225,19 @@ def test_a_subset_of_models_trains_only_those(dataset: Dataset, tiny_train_confi
     with pytest.raises(ExperimentError, match="unknown model"):
         run_experiment(dataset, ["acmr"], [0], tiny_train_config,
                        {p: d / "negatives" for p, d in dirs.items()}, models=["bert5xmr"])
+
+
+def test_outputs_without_matplotlib_keep_the_numbers_and_skip_the_figures(
+    experiment: tuple[dict[str, ProtocolResult], Path, TrainConfig],
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The serving image has no matplotlib (the `report` extra); experiments there still
+    write their numbers."""
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.delitem(sys.modules, "matplotlib.figure", raising=False)
+    monkeypatch.delitem(sys.modules, "training.figures", raising=False)
+    with caplog.at_level(logging.WARNING, logger="training.report"):
+        paths = write_outputs(experiment[0]["forec"], tmp_path)
+    assert sorted(p.name for p in paths) == ["report.md", "results.json"]
+    assert not list(tmp_path.glob("*.png"))
+    assert "xmr[report]" in caplog.text

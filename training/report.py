@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 
 from training.experiment import ProtocolResult
-from training.figures import plot_market_similarity, plot_ndcg
 
 logger = logging.getLogger(__name__)
 
@@ -243,11 +242,22 @@ def _write_text(path: Path, text: str) -> None:
 
 
 def write_outputs(result: ProtocolResult, out_dir: Path) -> list[Path]:
-    """Write results.json, report.md, ndcg10.png and market_similarity.png into `out_dir`."""
+    """Write results.json, report.md, ndcg10.png and market_similarity.png into `out_dir`.
+
+    The figures need matplotlib, the `report` extra (`pip install 'xmr[report]'`), which the
+    serving image leaves out; without it the numbers are written and the figures skipped."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [out_dir / "results.json", out_dir / "report.md"]
     _write_text(paths[0], json.dumps(result.to_json(), indent=2) + "\n")
     _write_text(paths[1], render_report(result))
+    try:
+        from training.figures import plot_market_similarity, plot_ndcg
+    except ImportError as e:
+        logger.warning("figures skipped: %s (install the report extra: pip install "
+                       "'xmr[report]')", e)
+        for path in paths:
+            logger.info("wrote path=%s", path)
+        return paths
     shown = peer_comparisons(result.protocol, result.markets)
     peers = {p.name: p.metrics["ndcg@10"] for p in shown if "ndcg@10" in p.metrics}
     paths.append(plot_ndcg(result, peers, out_dir / "ndcg10.png"))
