@@ -8,6 +8,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
@@ -87,16 +88,23 @@ class RedisProcess:
         self.process = None
 
 
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisProcess]:
+R = TypeVar("R", bound=RedisProcess)
+
+
+def running_redis(server: R) -> Iterator[R]:
+    """Body of the redis-server fixtures: skip without the binary, start, always stop."""
     if not Path(REDIS_SERVER).is_file():
         pytest.skip(f"redis-server binary not found ({REDIS_SERVER}); install redis-server")
-    server = RedisProcess(free_port(), tmp_path)
     server.start()
     try:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisProcess]:
+    yield from running_redis(RedisProcess(free_port(), tmp_path))
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REDIS_SERVER, RedisProcess, free_port
+from tests.conftest import RedisProcess, free_port, running_redis
 from tests.test_api_recommend import popular
 
 
@@ -25,14 +25,7 @@ class PersistentRedis(RedisProcess):
 
 @pytest.fixture
 def persistent_redis(tmp_path: Path) -> Iterator[PersistentRedis]:
-    if not Path(REDIS_SERVER).is_file():
-        pytest.skip(f"redis-server binary not found ({REDIS_SERVER})")
-    server = PersistentRedis(free_port(), tmp_path)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
+    yield from running_redis(PersistentRedis(free_port(), tmp_path))
 
 
 def test_redis_kill_and_restart_loses_no_acknowledged_event(
