@@ -30,6 +30,10 @@ INDEX_MANIFEST = "index.json"
 SCHEMA_VERSION = 2  # 2: the exported encoder joined the index
 
 
+class _SchemaVersion(BaseModel):
+    schema_version: int
+
+
 class IndexManifest(BaseModel):
     """`index.json`: which `index-<version>.faiss` serves the market, built from which weights."""
 
@@ -150,14 +154,16 @@ def read_index_manifest(market_dir: Path) -> IndexManifest:
     except FileNotFoundError:
         raise IndexLoadError(f"{path}: missing; run `xmr index build`") from None
     try:
-        manifest = IndexManifest.model_validate_json(text)
+        # The version first: an index of another version fails on its fields otherwise, and
+        # the message would not say what to do.
+        version = _SchemaVersion.model_validate_json(text).schema_version
+        if version != SCHEMA_VERSION:
+            raise IndexLoadError(f"{path}: schema_version {version}, this reader knows "
+                                 f"{SCHEMA_VERSION}; rebuild with `xmr index build`")
+        return IndexManifest.model_validate_json(text)
     except ValidationError as e:
         raise IndexLoadError(f"{path}: invalid index manifest ({e.error_count()} errors: "
                              f"{e.errors()[0]['msg']})") from e
-    if manifest.schema_version != SCHEMA_VERSION:
-        raise IndexLoadError(f"{path}: schema_version {manifest.schema_version}, "
-                             f"this reader knows {SCHEMA_VERSION}")
-    return manifest
 
 
 def set_search_threads(threads: int) -> None:

@@ -175,3 +175,17 @@ def test_torch_search_serves_without_faiss(service_artifacts: Path,
         np.testing.assert_allclose([s for _, s in got], [s for _, s in want], rtol=1e-4)
     with pytest.raises(IndexLoadError, match="FAISS is not installed"):
         load_bundle(service_artifacts, None, "faiss", "cpu")
+
+
+def test_index_of_the_previous_schema_asks_for_a_rebuild(artifacts_copy: Path) -> None:
+    """Stop-6 indexes (schema 1, no exported encoder) name the fix, not a missing field."""
+    market_dir = artifacts_copy / "markets" / "cc"
+    data = json.loads((market_dir / INDEX_MANIFEST).read_text())
+    data["schema_version"] = 1
+    del data["encoder_file"], data["encoder_sha256"]
+    (market_dir / INDEX_MANIFEST).write_text(json.dumps(data))
+    with pytest.raises(IndexLoadError, match=r"schema_version 1, .*xmr index build"):
+        read_index_manifest(market_dir)
+    (market_dir / INDEX_MANIFEST).write_text('{"schema_version": "two"}')
+    with pytest.raises(IndexLoadError, match="invalid index manifest"):
+        read_index_manifest(market_dir)
