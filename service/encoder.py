@@ -136,9 +136,11 @@ def export_onnx(model: Bert4XMR, market_row: int, path: Path) -> None:
     example = torch.tensor([[1, 1, 0], [1, 0, 0]], dtype=torch.long, device=encoder.device)
     batch = torch.export.Dim("batch", min=1, max=1 << 16)
     length = torch.export.Dim("length", min=1, max=encoder.max_len)
-    quiet = logging.getLogger("torch.onnx")
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)  # the exporter logs each optional op set it skips
+    # The exporter logs each optional op set it skips, its IR passes each initializer merged.
+    quiet = [logging.getLogger(name) for name in ("torch.onnx", "onnx_ir", "onnxscript")]
+    levels = [logger.level for logger in quiet]
+    for logger in quiet:
+        logger.setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings(), torch.inference_mode(False):
             warnings.simplefilter("ignore")
@@ -147,7 +149,8 @@ def export_onnx(model: Bert4XMR, market_row: int, path: Path) -> None:
                 dynamic_shapes=({0: batch, 1: length},), dynamo=True, verbose=False,
             )
     finally:
-        quiet.setLevel(level)
+        for logger, level in zip(quiet, levels, strict=True):
+            logger.setLevel(level)
     if program is None:
         raise RuntimeError("the ONNX exporter returned no program")
     path.write_bytes(program.model_proto.SerializeToString())

@@ -43,8 +43,13 @@ def sessions(n_rows: int, max_len: int, seed: int) -> list[list[int]]:
     ],
 )
 def test_serving_encoder_equals_module(options: dict[str, object], device: str) -> None:
+    """Against the module in float64 on the CPU: on CUDA the module's own eval path (the
+    nested-tensor fast path of nn.TransformerEncoder) is off by up to 3.5e-4 from that reference
+    while the serving encoder stays within 1.3e-6 (measured on an H100, torch 2.11)."""
     config = ModelConfig(n_rows=300, n_markets=3, **options)  # type: ignore[arg-type]
-    model = trained_looking(config, seed=len(options)).to(device)
+    model = trained_looking(config, seed=len(options))
+    reference = trained_looking(config, seed=len(options)).double()
+    model = model.to(device)
     for market in range(config.n_markets):
         batch = sessions(config.n_rows, config.max_len, seed=market)
         encoder = SessionEncoder(model, market)
@@ -54,9 +59,9 @@ def test_serving_encoder_equals_module(options: dict[str, object], device: str) 
             for b, s in enumerate(batch):
                 tail = s[-config.max_len:]
                 items[b, : len(tail)] = torch.tensor(tail)
-            want = model.encode(items.to(device), torch.full((len(batch),), market, device=device))
+            want = reference.encode(items, torch.full((len(batch),), market))
         assert got.shape == (len(batch), config.d_model) and got.device.type == device
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(got.cpu().double(), want, rtol=1e-4, atol=1e-5)
         # alone or in a padded batch, a session gets the same vector
         torch.testing.assert_close(encoder.encode(batch[4:5])[0], got[4], rtol=1e-4, atol=1e-5)
 
