@@ -144,10 +144,11 @@ def onnx_model(model: Bert4XMR, market_row: int) -> onnx.ModelProto:
     """The market's encoder as an ONNX graph for ONNX Runtime's CPU provider: input `items`
     (B, T) int64 item rows, right-padded with PAD=0, T <= max_len; output `user` (B, D) float32.
 
-    Built node by node from `SessionEncoder`'s weights rather than traced: 26 nodes for the
+    Built node by node from `SessionEncoder`'s weights rather than traced: 34 nodes for the
     default shape where torch's exporter wrote 99 (most of them shape arithmetic), so a call's
-    fixed cost halves (measured, one thread: 31 against 59 us at B=1, T=1; 108 against 141 us
-    at T=24), and building takes milliseconds instead of seconds. It uses ONNX Runtime's fused
+    fixed cost halves (measured, one thread, uk: 32 against 58 us at B=1, T=1; 107 against
+    144 us at T=24; 670 against 750 us at B=8, T=24), and building takes milliseconds instead
+    of seconds. It uses ONNX Runtime's fused
     `Attention` (QKV projection and masked softmax attention in one node, with the session
     lengths as its mask) and `BiasGelu` (exact, erf) from the com.microsoft domain.
     - Input: LayerNorm(item + market) depends on the item alone, so it is one table lookup of
