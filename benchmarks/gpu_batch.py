@@ -2,9 +2,9 @@
 each market's checkpoint and searched exactly with torch, on a GPU when there is one.
 
 Needs torch, numpy and safetensors only: it uses the checkpoint (`training.checkpoint`), the
-service's GPU serving encoder (`service.encoder.SessionEncoder`) and torch search
-(`service.search.TorchSearch`), not `service.recommender`, whose imports pull in faiss through
-`service.index`.
+service's torch serving encoders (`service.encoder.SessionEncoder`, eager, and on CUDA
+`CudaGraphEncoder`, the GPU default) and torch search (`service.search.TorchSearch`), not
+`service.recommender`, whose imports pull in faiss through `service.index`.
 
     python benchmarks/gpu_batch.py --artifacts DIR --data DIR [--device auto] [--out FILE.json]
 """
@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from service.encoder import SessionEncoder
+from service.encoder import CudaGraphEncoder, Encoder, SessionEncoder
 from service.search import TorchSearch
 from training.checkpoint import Checkpoint, load_checkpoint
 from training.data import read_dataset
@@ -36,11 +36,12 @@ class Market:
     checkpoint: Checkpoint
     search: TorchSearch
     sessions: list[list[int]]  # real users' last max_len items, as rows
-    encoder: SessionEncoder
+    encoders: dict[str, Encoder]  # by kind: torch (eager), cuda-graphs on CUDA
 
 
 @dataclass(frozen=True)
 class Result:
+    encoder: str
     batch_size: int
     batches: int
     seconds: float
@@ -63,18 +64,23 @@ def load_market(artifacts: Path, data_sequences: dict[str, list[str]], name: str
         known = [r for r in (checkpoint.vocab.get(i) for i in sequence) if r is not None]
         if known:
             sessions.append(known[-max_len:])
-    return Market(name, checkpoint, TorchSearch(rows, picked, str(device)), sessions,
-                  SessionEncoder(checkpoint.model, checkpoint.market_row))
+    eager = SessionEncoder(checkpoint.model, checkpoint.market_row)
+    encoders: dict[str, Encoder] = {"torch": eager}
+    if device.type == "cuda":
+        graphed = CudaGraphEncoder(eager)
+        graphed.capture_all()  # every bucket shape, as the service does at load
+        encoders["cuda-graphs"] = graphed
+    return Market(name, checkpoint, TorchSearch(rows, picked, str(device)), sessions, encoders)
 
 
-def run_batch(market: Market, sessions: list[list[int]], k: int, device: torch.device) -> None:
+def run_batch(market: Market, encoder: str, sessions: list[list[int]], k: int) -> None:
     """What `service.recommender.recommend_many` does per batch: pad, encode, search, to host."""
-    users = market.encoder.encode(sessions)  # (B, D) on the checkpoint's device
+    users = market.encoders[encoder].encode(sessions)  # (B, D) on the checkpoint's device
     market.search.search(users, k)  # numpy on the host: waits for the device
 
 
-def measure(markets: list[Market], batch_size: int, seconds: float, k: int,
-            device: torch.device, rng: random.Random) -> Result:
+def measure(markets: list[Market], encoder: str, batch_size: int, seconds: float, k: int,
+            rng: random.Random) -> Result:
     """Batches of one random market each, sessions drawn with replacement, for `seconds`."""
 
     def draw() -> tuple[Market, list[list[int]]]:
@@ -82,18 +88,19 @@ def measure(markets: list[Market], batch_size: int, seconds: float, k: int,
         return market, [rng.choice(market.sessions) for _ in range(batch_size)]
 
     for _ in range(3):  # warm-up: kernels, allocator, cuBLAS handles
-        run_batch(*draw(), k, device)
+        market, sessions = draw()
+        run_batch(market, encoder, sessions, k)
     times: list[float] = []
     started = time.perf_counter()
     while time.perf_counter() - started < seconds or len(times) < 5:
         market, sessions = draw()  # drawing is host work the service does not do: not timed
         t0 = time.perf_counter()
-        run_batch(market, sessions, k, device)
+        run_batch(market, encoder, sessions, k)
         times.append(time.perf_counter() - t0)
     total = sum(times)
     times.sort()
     p50, p99 = (times[max(0, math.ceil(p * len(times)) - 1)] for p in (0.5, 0.99))  # nearest rank
-    return Result(batch_size, len(times), round(total, 3),
+    return Result(encoder, batch_size, len(times), round(total, 3),
                   round(batch_size * len(times) / total, 1), round(1000 * p50, 3),
                   round(1000 * p99, 3))
 
@@ -121,14 +128,15 @@ def main() -> None:
     if not markets:
         sys.exit(f"error: {args.artifacts}/markets holds none of the data's markets")
     rng = random.Random(0)
-    results = [measure(markets, int(b), args.seconds, args.k, device, rng)
-               for b in args.batch_sizes.split(",")]
+    results = [measure(markets, encoder, int(b), args.seconds, args.k, rng)
+               for encoder in markets[0].encoders for b in args.batch_sizes.split(",")]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     codes = ",".join(m.name for m in markets)
     print(f"device {name}, torch {torch.__version__}, markets {codes}, torch search, k={args.k}")
-    print(f"{'batch':>6} {'batches':>8} {'sessions/s':>12} {'p50 ms':>9} {'p99 ms':>9}")
+    print(f"{'encoder':>11} {'batch':>6} {'batches':>8} {'sessions/s':>12} {'p50 ms':>9} "
+          f"{'p99 ms':>9}")
     for r in results:
-        print(f"{r.batch_size:>6} {r.batches:>8} {r.sessions_per_s:>12.1f} "
+        print(f"{r.encoder:>11} {r.batch_size:>6} {r.batches:>8} {r.sessions_per_s:>12.1f} "
               f"{r.batch_ms_p50:>9.3f} {r.batch_ms_p99:>9.3f}")
     if args.out:
         report = {"command": " ".join(sys.argv), "device": name, "torch": torch.__version__,

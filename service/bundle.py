@@ -14,7 +14,7 @@ from pathlib import Path
 import anyio.to_thread
 import torch
 
-from service.encoder import Encoder, OnnxEncoder, SessionEncoder
+from service.encoder import CudaGraphEncoder, Encoder, OnnxEncoder, SessionEncoder
 from service.errors import (
     ArtifactsError,
     IndexLoadError,
@@ -82,11 +82,19 @@ def discover_markets(artifacts: Path) -> list[str]:
 
 def market_encoder(checkpoint: Checkpoint, index: MarketIndex, kind: str, device: torch.device,
                    threads: int) -> Encoder:
-    """The encoder that serves: ONNX Runtime on the CPU ("auto" there), torch on a GPU."""
+    """The encoder that serves: "auto" is ONNX Runtime on the CPU, CUDA graphs on a GPU;
+    "torch" is the eager torch encoder on either."""
     if kind == "auto":
-        kind = "onnx" if device.type == "cpu" else "torch"
+        kind = "onnx" if device.type == "cpu" else "cuda-graphs"
     if kind == "torch":
         return SessionEncoder(checkpoint.model, checkpoint.market_row)
+    if kind == "cuda-graphs":
+        if device.type != "cuda":
+            raise ArtifactsError(f"encoder 'cuda-graphs' needs a CUDA device, not {device}; "
+                                 "use encoder 'onnx', 'torch' or 'auto' on the CPU")
+        graphed = CudaGraphEncoder(SessionEncoder(checkpoint.model, checkpoint.market_row))
+        graphed.capture_all()
+        return graphed
     if device.type != "cpu":
         raise ArtifactsError(f"encoder 'onnx' runs on the CPU only, not on {device}; "
                              "use encoder 'torch' or 'auto' with a GPU")

@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ValidationError
 
-from service.encoder import export_onnx
 from service.errors import IndexLoadError, IndexMismatchError
+from service.export import export_onnx
 from service.search import Search, TorchSearch
 from training.checkpoint import Checkpoint, file_sha256, load_checkpoint
 

@@ -34,9 +34,9 @@ class Settings(BaseSettings):
     )
     device: Literal["cpu", "cuda", "auto"] = "cpu"
     search: Literal["faiss", "torch"] = "faiss"
-    encoder: Literal["auto", "onnx", "torch"] = Field(
-        default="auto", description="Session encoder: ONNX Runtime (CPU) or torch; auto = ONNX "
-        "Runtime on the CPU, torch on a GPU.")
+    encoder: Literal["auto", "onnx", "torch", "cuda-graphs"] = Field(
+        default="auto", description="Session encoder: ONNX Runtime (CPU), eager torch, or torch "
+        "replayed from CUDA graphs (GPU); auto = ONNX Runtime on the CPU, CUDA graphs on a GPU.")
     threads: int = Field(
         default=1, ge=1, description="Compute threads of the server: torch, ONNX Runtime, FAISS.")
     markets: Annotated[list[str] | None, NoDecode] = Field(

@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import random
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 
-from service.encoder import OnnxEncoder, SessionEncoder, export_onnx
+from service.encoder import (
+    CudaGraphEncoder,
+    OnnxEncoder,
+    SessionEncoder,
+    bucket_shape,
+)
+from service.export import export_onnx
+from training.evaluate import pad_sessions
 from training.model import Bert4XMR, ModelConfig
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -94,3 +102,56 @@ def test_onnx_encoder_equals_module(options: dict[str, object], tmp_path) -> Non
         # alone, one item, or in a padded batch, a session gets the same vector
         torch.testing.assert_close(encoder.encode(batch[4:5])[0], got[4], rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(encoder.encode([batch[0]])[0], got[0], rtol=1e-4, atol=1e-5)
+
+
+def test_bucket_shapes() -> None:
+    assert bucket_shape(1, 1, 50, 64) == (1, 8)
+    assert bucket_shape(3, 9, 50, 64) == (4, 16)
+    assert bucket_shape(8, 48, 50, 64) == (8, 48)
+    assert bucket_shape(33, 49, 50, 64) == (64, 50)  # never past max_len
+    assert bucket_shape(65, 5, 50, 64) is None  # eager above max_batch
+
+
+def test_bucket_padding_leaves_real_rows_unchanged() -> None:
+    """What a CUDA graph replay computes: the batch padded with all-PAD rows and PAD columns
+    to its bucket shape; the real rows' vectors are those of the unpadded batch."""
+    config = ModelConfig(n_rows=300, n_markets=3, position_embedding=True)
+    encoder = SessionEncoder(trained_looking(config, seed=3), 1)
+    batch = sessions(config.n_rows, config.max_len, seed=5)[4:9]  # 5 sessions
+    items = pad_sessions(batch, config.max_len)
+    shape = bucket_shape(*items.shape, config.max_len, 64)
+    assert shape is not None and shape > items.shape
+    padded = torch.zeros(shape, dtype=torch.long)
+    padded[: items.shape[0], : items.shape[1]] = items
+    with torch.inference_mode():
+        got = encoder._encode(padded)[: len(batch)]
+    torch.testing.assert_close(got, encoder.encode(batch), rtol=1e-5, atol=1e-6)
+
+
+def test_cuda_graphs_need_a_cuda_encoder() -> None:
+    with pytest.raises(ValueError, match="CUDA"):
+        CudaGraphEncoder(SessionEncoder(Bert4XMR(ModelConfig(n_rows=10, n_markets=1)), 0))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graph_replays_equal_eager_calls() -> None:
+    config = ModelConfig(n_rows=300, n_markets=3, position_embedding=True)
+    eager = SessionEncoder(trained_looking(config, seed=4).cuda(), 2)
+    graphed = CudaGraphEncoder(eager, max_batch=8)
+    every = sessions(config.n_rows, config.max_len, seed=9)  # 16 sessions, lengths 1..57
+    for batch in (every[:1], every[2:3], every[:5], every[3:11], every, every[:1], every[:5]):
+        got = graphed.encode(batch)  # the last two replay graphs captured before
+        assert got.device.type == "cuda" and got.shape == (len(batch), config.d_model)
+        torch.testing.assert_close(got, eager.encode(batch), rtol=1e-4, atol=1e-5)
+    assert set(graphed._graphs) == {(1, 8), (1, 50), (8, 50)}  # 16 sessions > 8: eager
+    # calls from two threads at once (the encoder thread and a readiness probe) stay correct
+    want = [eager.encode([s]) for s in every]
+    with ThreadPoolExecutor(2) as pool:
+        got_all = list(pool.map(lambda s: graphed.encode([s]), every * 4))
+    for i, got in enumerate(got_all):
+        torch.testing.assert_close(got, want[i % len(every)], rtol=1e-4, atol=1e-5)
+    # at load every shape is captured: 1, 2, 4, 8 sessions x lengths 8, 16, ..., 48, 50
+    assert graphed.capture_all() == 4 * 7
+    torch.testing.assert_close(graphed.encode(every[5:8]), eager.encode(every[5:8]),
+                               rtol=1e-4, atol=1e-5)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from service.bundle import load_bundle
-from service.errors import IndexLoadError, IndexMismatchError
+from service.errors import ArtifactsError, IndexLoadError, IndexMismatchError
 from service.index import INDEX_MANIFEST, build_index, load_index, read_index_manifest
 from service.recommender import Query, encode, recommend_many
 from training.checkpoint import file_sha256, load_checkpoint, save_checkpoint
@@ -157,6 +157,11 @@ def test_served_encoders_agree_with_the_checkpoint(service_artifacts: Path) -> N
         torch.testing.assert_close(model.encoder.encode(sessions), want, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(plain.markets[market].encoder.encode(sessions), want,
                                    rtol=1e-4, atol=1e-5)
+
+
+def test_cuda_graphs_encoder_on_the_cpu_is_refused(service_artifacts: Path) -> None:
+    with pytest.raises(ArtifactsError, match="'cuda-graphs' needs a CUDA device"):
+        load_bundle(service_artifacts, None, "faiss", "cpu", encoder="cuda-graphs")
 
 
 def test_torch_search_serves_without_faiss(service_artifacts: Path,

@@ -49,8 +49,14 @@ def test_app_serves_from_cuda(make_service_client, service_artifacts: Path) -> N
 
 
 
-def test_cuda_uses_the_torch_encoder_and_refuses_onnx(service_artifacts: Path) -> None:
-    bundle = load_bundle(service_artifacts, None, "torch", "cuda")
-    assert {m.encoder.kind for m in bundle.markets.values()} == {"torch"}
+def test_cuda_uses_cuda_graphs_or_eager_torch_and_refuses_onnx(service_artifacts: Path) -> None:
+    graphed = load_bundle(service_artifacts, None, "torch", "cuda")
+    assert {m.encoder.kind for m in graphed.markets.values()} == {"cuda-graphs"}
+    eager = load_bundle(service_artifacts, None, "torch", "cuda", encoder="torch")
+    assert {m.encoder.kind for m in eager.markets.values()} == {"torch"}
+    for market, model in graphed.markets.items():
+        query = Query([i for i, _ in model.popular][:5], k=10)
+        assert (recommend_many(model, [query])[0].items
+                == recommend_many(eager.market(market), [query])[0].items)
     with pytest.raises(ArtifactsError, match="CPU only"):
         load_bundle(service_artifacts, None, "torch", "cuda", encoder="onnx")
