@@ -18,6 +18,9 @@ from training.vocab import PAD
 
 MS = "com.microsoft"  # ONNX Runtime's contrib operators
 ONNX_OPSET = 18
+# The IR version of opset 18, not the installed onnx's newest: ONNX Runtime refuses files of an
+# IR newer than it knows (seen: onnx 1.23 writes IR 14, ONNX Runtime 1.30 reads up to 13).
+IR_VERSION = 8
 
 
 class _GraphBuilder:
@@ -114,7 +117,7 @@ def onnx_model(model: Bert4XMR, market_row: int) -> onnx.ModelProto:
         [helper.make_tensor_value_info("user", TensorProto.FLOAT, ["batch", d])],
         g.initializers,
     )
-    proto = helper.make_model(graph, producer_name="xmr", opset_imports=[
+    proto = helper.make_model(graph, producer_name="xmr", ir_version=IR_VERSION, opset_imports=[
         helper.make_opsetid("", ONNX_OPSET), helper.make_opsetid(MS, 1)])
     onnx.checker.check_model(proto)
     return proto

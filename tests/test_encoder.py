@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 from concurrent.futures import ThreadPoolExecutor
 
+import onnx
 import pytest
 import torch
 
@@ -92,6 +93,8 @@ def test_onnx_encoder_equals_module(options: dict[str, object], tmp_path) -> Non
     model = trained_looking(config, seed=len(options))
     for market in range(config.n_markets):
         export_onnx(model, market, tmp_path / f"encoder-{market}.onnx")
+        # loadable by every ONNX Runtime the project admits (>= 1.18 reads IR <= 10)
+        assert onnx.load(tmp_path / f"encoder-{market}.onnx").ir_version == 8
         encoder = OnnxEncoder(tmp_path / f"encoder-{market}.onnx", config.max_len)
         assert encoder.kind == "onnx"
         batch = sessions(config.n_rows, config.max_len, seed=market)
