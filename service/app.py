@@ -31,7 +31,7 @@ from service.index import set_search_threads
 from service.metrics import Metrics
 from service.middleware import BodySizeLimit, RequestMetrics
 from service.sessions import create_session_store
-from service.settings import Settings
+from service.settings import LOG_FORMAT, Settings
 
 logger = logging.getLogger(__name__)
 
@@ -136,8 +136,16 @@ def _install_sighup(app: FastAPI, tasks: set[asyncio.Task[object]]) -> bool:
     return True
 
 
+def configure_logging(level: str) -> None:
+    """Log as `xmr` does where the host set up no handler: under `uvicorn --factory` only
+    uvicorn's own loggers are configured, and the service's INFO lines would be dropped."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=level.upper(), format=LOG_FORMAT)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
+    configure_logging(settings.log_level)
     metrics = Metrics()
 
     @asynccontextmanager

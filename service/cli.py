@@ -28,9 +28,9 @@ def main(
         os.environ.get("XMR_LOG_LEVEL", "INFO"), "--log-level", help="Logging level."
     ),
 ) -> None:
-    logging.basicConfig(
-        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
-    )
+    from service.settings import LOG_FORMAT
+
+    logging.basicConfig(level=log_level.upper(), format=LOG_FORMAT)
 
 
 for command in training_app.registered_commands:

@@ -8,6 +8,8 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
+
 
 class Settings(BaseSettings):
     """Everything the service reads from its environment; tests pass their own instance."""
@@ -55,6 +57,9 @@ class Settings(BaseSettings):
         default="auto", description="Where a batch is encoded: on the event loop or in one "
         "encoder thread; auto = the loop on the CPU, the thread on a GPU.")
     reload_on_sighup: bool = Field(default=True, description="Reload on SIGHUP (main thread).")
+    log_level: str = Field(
+        default="INFO", description="Logging level; the app sets logging up with it when its "
+        "host has not (e.g. `uvicorn --factory`); `xmr` reads it too.")
 
     @field_validator("markets", mode="before")
     @classmethod

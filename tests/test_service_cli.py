@@ -79,3 +79,19 @@ def test_xmr_demo_command_prints_a_recommendation(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     body = json.loads(result.output[result.output.index("{\n"):])
     assert body["fallback"] is None and len(body["items"]) == 5
+
+
+def test_app_sets_up_logging_only_where_its_host_did_not(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """`uvicorn --factory service.app:create_app` configures uvicorn's loggers alone."""
+    import logging
+
+    from service.app import create_app
+
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", [])
+    monkeypatch.setattr(root, "level", logging.WARNING)
+    create_app(Settings(artifacts=tmp_path, log_level="debug"))
+    assert len(root.handlers) == 1 and root.level == logging.DEBUG
+    create_app(Settings(artifacts=tmp_path))  # a host's (or the first app's) set-up stays
+    assert len(root.handlers) == 1 and root.level == logging.DEBUG
