@@ -69,6 +69,8 @@ class MarketIndex:
 
 
 def _faiss() -> Any:
+    # FAISS's loader logs each CPU-specific build it fails to find (AVX-512, AVX2) at INFO.
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     try:
         import faiss
     except ImportError as e:
