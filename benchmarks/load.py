@@ -114,6 +114,10 @@ def parse_args() -> argparse.Namespace:
                         help="Serve the indexes already built in --artifacts.")
     parser.add_argument("--server-env", action="append", default=[], metavar="KEY=VALUE",
                         help="Extra environment of the server, e.g. XMR_BATCH_MAX=16.")
+    parser.add_argument("--diagnostic-zero-encoder", action="store_true",
+                        help="Diagnostic, not the service: the server's ONNX encoder returns "
+                             "zero vectors at no cost (benchmarks/diagnostic), so recommend's "
+                             "cost without the encoder's arithmetic shows as a bound.")
     parser.add_argument("--out", type=Path, help="Write the results as JSON here.")
     args = parser.parse_args()
     if args.data is None:
@@ -139,6 +143,11 @@ def main() -> None:
     plan_file = args.cache / "plan.json"
     plan_file.write_text(json.dumps([asdict(p) for p in plan]), encoding="utf-8")
     server_env = dict(kv.split("=", 1) for kv in args.server_env)
+    if args.diagnostic_zero_encoder:
+        server_env["XMR_DIAGNOSTIC_ZERO_ENCODER"] = "1"
+        server_env["PYTHONPATH"] = os.pathsep.join(
+            [str(Path(__file__).with_name("diagnostic")), str(ROOT),
+             os.environ.get("PYTHONPATH", "")])
     results_file = args.cache / "client-results.json"
     load_before = os.getloadavg()
 
@@ -179,6 +188,10 @@ def main() -> None:
                  "concurrency": concurrencies, "endpoints": endpoints},
         "rows": [asdict(r) for r in rows], "targets": goals,
     }
+    if args.diagnostic_zero_encoder:
+        report["diagnostic"] = "zero encoder: a bound, not the service"
+        print("DIAGNOSTIC RUN: the server's encoder returned zero vectors at no cost; the "
+              "recommend rows are a bound, not the service")
     print(table(rows, goals))
     if index is not None:
         per_market = " ".join(f"{m}={s}" for m, s in index["per_market_s"].items())
