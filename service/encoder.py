@@ -196,7 +196,8 @@ class CudaGraphEncoder:
         b, t = items.shape
         shape = bucket_shape(b, t, self.max_len, self.max_batch)
         if shape is None:
-            return self.encoder.encode(sessions)
+            with torch.inference_mode():
+                return self.encoder._encode(items.to(self.device))
         host = torch.zeros(shape, dtype=torch.long)
         host[:b, :t] = items
         with self._lock:
