@@ -26,7 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from service import errors
 from service.api import reload_bundle, router
 from service.batcher import Batcher
-from service.bundle import Registry, load_bundle
+from service.bundle import Registry, load_bundle, settle_heap
 from service.index import set_search_threads
 from service.metrics import Metrics
 from service.middleware import BodySizeLimit, RequestMetrics
@@ -155,6 +155,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         load = partial(load_bundle, settings.artifacts, settings.markets, settings.search,
                        settings.device, settings.encoder, settings.threads)
         bundle = await anyio.to_thread.run_sync(load)
+        settle_heap()
         app.state.registry = Registry(load, bundle)
         metrics.set_models((m.market, m.model_version, m.index_version)
                            for m in bundle.markets.values())

@@ -5,6 +5,7 @@ that swaps whole bundles on reload, so a request sees one consistent set of vers
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -138,6 +139,19 @@ def load_bundle(
     return Bundle(loaded, datetime.now(UTC).isoformat(timespec="seconds"))
 
 
+def settle_heap() -> None:
+    """Put what a load left on the heap out of the cyclic GC's way (`gc.freeze`).
+
+    Loading the 7 XMarket markets leaves about 230,000 objects tracked by the GC: vocabularies,
+    item lists and tensors' Python parts. A full collection walks them all, and each one took
+    136 ms on the event loop (measured). That matched the p99 at concurrency 32. Frozen objects
+    are still freed by reference counting. Unfreezing first lets a reload's old bundle be
+    collected; its one collection is a single pause per reload."""
+    gc.unfreeze()
+    gc.collect()
+    gc.freeze()
+
+
 class Registry:
     """Holds the current bundle. Reload builds a new one off to the side, then swaps the one
     reference; requests read `current` once, so a response never mixes versions."""
@@ -162,5 +176,6 @@ class Registry:
                     f"reload failed, still serving the previous models: {message}"
                 ) from e
             self._current = bundle
+            settle_heap()
             logger.info("reloaded markets=%s", ",".join(sorted(bundle.markets)))
             return bundle
