@@ -1,5 +1,5 @@
 """HTTP routes. Thin: validate, read the bundle once, fetch the session, hand the work to the
-batcher (a worker thread), shape the response. Errors are raised as domain errors.
+batcher, shape the response. Errors are raised as domain errors.
 """
 
 from __future__ import annotations
@@ -58,10 +58,6 @@ async def get_store(request: Request) -> SessionStore:
     return request.app.state.store  # type: ignore[no-any-return]
 
 
-async def get_batcher(request: Request) -> Batcher:
-    return request.app.state.batcher  # type: ignore[no-any-return]
-
-
 async def get_metrics(request: Request) -> Metrics:
     return request.app.state.metrics  # type: ignore[no-any-return]
 
@@ -72,7 +68,6 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 BundleDep = Annotated[Bundle, Depends(get_bundle)]
 RegistryDep = Annotated[Registry, Depends(get_registry)]
 StoreDep = Annotated[SessionStore, Depends(get_store)]
-BatcherDep = Annotated[Batcher, Depends(get_batcher)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 MarketPath = Annotated[str, Path(pattern=MARKET_PATTERN, description="Market code, e.g. de.")]
 SessionPath = Annotated[str, Path(pattern=SESSION_ID_PATTERN)]

@@ -33,7 +33,8 @@ Outcome = list[Recommendation] | BaseException  # one market group's answers, or
 
 
 def answer(groups: list[tuple[MarketModel, list[Query]]]) -> list[Outcome]:
-    """Each market group in turn (runs in the encoder thread); a failing group fails alone."""
+    """Each market group in turn (on the loop or in the encoder thread); a failing group fails
+    alone."""
     outcomes: list[Outcome] = []
     for model, queries in groups:
         try:

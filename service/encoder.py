@@ -133,10 +133,11 @@ def bucket_shape(batch: int, length: int, max_len: int, max_batch: int) -> tuple
 
 
 class CudaGraphEncoder:
-    """`SessionEncoder` on CUDA, replayed from CUDA graphs: one per bucket shape, captured on
-    first use. An eager call launches about 40 kernels, each a Python call holding the GIL; a
-    replay is one launch. Padding rows (all PAD) and padding columns (PAD) change nothing for
-    the real rows: PAD keys are masked and only real positions are averaged.
+    """`SessionEncoder` on CUDA, replayed from CUDA graphs: one per bucket shape, captured at
+    load (`capture_all`; a shape missed there is captured on first use). An eager call launches
+    about 40 kernels, each a Python call holding the GIL; a replay is one launch. Padding rows
+    (all PAD) and padding columns (PAD) change nothing for the real rows: PAD keys are masked
+    and only real positions are averaged.
 
     Replays share one input and one output buffer per shape, so calls are serialized by a lock
     (the batcher's encoder thread and a readiness probe may call at once). Batches above
@@ -181,9 +182,8 @@ class CudaGraphEncoder:
         returns how many graphs this encoder holds."""
         batch = 1
         while batch <= self.max_batch:
-            for length in range(1, self.max_len + LENGTH_STEP, LENGTH_STEP):
-                shape = bucket_shape(batch, min(length, self.max_len), self.max_len,
-                                     self.max_batch)
+            for length in range(LENGTH_STEP, self.max_len + LENGTH_STEP, LENGTH_STEP):
+                shape = bucket_shape(batch, length, self.max_len, self.max_batch)
                 assert shape is not None
                 with self._lock:
                     if shape not in self._graphs:

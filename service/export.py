@@ -50,9 +50,9 @@ def onnx_model(model: Bert4XMR, market_row: int) -> onnx.ModelProto:
     default shape where torch's exporter wrote 99 (most of them shape arithmetic), so a call's
     fixed cost halves (measured, one thread, uk: 32 against 58 us at B=1, T=1; 107 against
     144 us at T=24; 670 against 750 us at B=8, T=24), and building takes milliseconds instead
-    of seconds. It uses ONNX Runtime's fused
-    `Attention` (QKV projection and masked softmax attention in one node, with the session
-    lengths as its mask) and `BiasGelu` (exact, erf) from the com.microsoft domain.
+    of seconds. It uses ONNX Runtime's fused `Attention` (QKV projection and masked softmax
+    attention in one node, with the session lengths as its mask) and `BiasGelu` (exact, erf)
+    from the com.microsoft domain.
     - Input: LayerNorm(item + market) depends on the item alone, so it is one table lookup of
       the rows computed here, exactly as the module computes them.
     - Layers: pre-norm, `x += Attention(LN1(x)) W_o + b_o; x += W_2 GELU(W_1 LN2(x) + b_1) + b_2`.

@@ -43,7 +43,7 @@ class IndexManifest(BaseModel):
     index_file: str
     version: str  # first 12 hex digits of the index file's sha256
     sha256: str
-    encoder_file: str  # encoder-<12 hex>.onnx: the market's encoder (service.encoder)
+    encoder_file: str  # encoder-<12 hex>.onnx: the market's encoder (service.export)
     encoder_sha256: str
     weights_sha256: str
     model_version: str

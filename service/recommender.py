@@ -7,7 +7,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from service.bundle import MarketModel
 
@@ -65,11 +64,6 @@ def resolve(model: MarketModel, query: Query) -> Resolved:
     return Resolved(rows, list(dict.fromkeys(unknown)), excluded, candidates)
 
 
-def encode(model: MarketModel, sessions: list[list[int]]) -> torch.Tensor:
-    """User vectors (B, D) on the model's device for sessions of item rows (one encoder call)."""
-    return model.encoder.encode(sessions)
-
-
 def popular_items(model: MarketModel, resolved: Resolved, k: int) -> list[tuple[str, float]]:
     """The market's most popular items (score = interactions), minus exclusions."""
     vocab = model.checkpoint.vocab
@@ -119,7 +113,7 @@ def recommend_many(model: MarketModel, queries: list[Query]) -> list[Recommendat
     results: list[list[tuple[str, float]] | None] = [None] * len(queries)
     encoded = [i for i, r in enumerate(resolved) if r.rows]
     if encoded:
-        users = encode(model, [resolved[i].rows for i in encoded])  # (B, D)
+        users = model.encoder.encode([resolved[i].rows for i in encoded])  # (B, D)
         searched = [j for j, i in enumerate(encoded) if resolved[i].candidates is None]
         if searched:
             # Excluded rows can only take that many places, so k + |excluded| hits suffice.

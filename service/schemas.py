@@ -67,7 +67,8 @@ class MarketInfo(BaseModel):
     index_version: str
     n_items: int = Field(description="Items sold in the market (indexed).")
     search: str
-    encoder: str = Field(description="Session encoder: onnx (ONNX Runtime) or torch.")
+    encoder: str = Field(
+        description="Session encoder: onnx (ONNX Runtime), torch (eager) or cuda-graphs.")
     device: str
 
 

@@ -13,7 +13,7 @@ import torch
 from service.bundle import load_bundle
 from service.errors import ArtifactsError, IndexLoadError, IndexMismatchError
 from service.index import INDEX_MANIFEST, build_index, load_index, read_index_manifest
-from service.recommender import Query, encode, recommend_many
+from service.recommender import Query, recommend_many
 from training.checkpoint import file_sha256, load_checkpoint, save_checkpoint
 
 
@@ -73,7 +73,7 @@ def test_faiss_top_k_equals_model_and_torch_top_k(service_artifacts: Path, marke
 def test_search_beyond_market_size_drops_faiss_missing_ids(service_artifacts: Path) -> None:
     bundle = load_bundle(service_artifacts, ["cc"], "faiss", "cpu")
     model = bundle.market("cc")
-    users = encode(model, [[int(model.index.rows[0])]])
+    users = model.encoder.encode([[int(model.index.rows[0])]])
     scores, rows = model.index.search.search(users, model.n_items + 5)
     assert (rows[0, -5:] == -1).all()  # FAISS reports missing hits as -1
     item = model.popular[0][0]
