@@ -28,8 +28,11 @@ def main(
         os.environ.get("XMR_LOG_LEVEL", "INFO"), "--log-level", help="Logging level."
     ),
 ) -> None:
-    from service.settings import LOG_FORMAT
+    from service.settings import LOG_FORMAT, LOG_LEVELS
 
+    if log_level.upper() not in LOG_LEVELS:
+        raise typer.BadParameter(f"unknown logging level {log_level!r}; one of "
+                                 f"{', '.join(LOG_LEVELS)} (--log-level or XMR_LOG_LEVEL)")
     logging.basicConfig(level=log_level.upper(), format=LOG_FORMAT)
 
 

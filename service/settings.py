@@ -9,6 +9,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 class Settings(BaseSettings):
@@ -60,6 +61,15 @@ class Settings(BaseSettings):
     log_level: str = Field(
         default="INFO", description="Logging level; the app sets logging up with it when its "
         "host has not (e.g. `uvicorn --factory`); `xmr` reads it too.")
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _known_level(cls, value: object) -> object:
+        if isinstance(value, str):
+            if value.upper() not in LOG_LEVELS:
+                raise ValueError(f"unknown logging level {value!r}; one of {', '.join(LOG_LEVELS)}")
+            return value.upper()
+        return value
 
     @field_validator("markets", mode="before")
     @classmethod

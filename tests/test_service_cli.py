@@ -95,3 +95,16 @@ def test_app_sets_up_logging_only_where_its_host_did_not(
     assert len(root.handlers) == 1 and root.level == logging.DEBUG
     create_app(Settings(artifacts=tmp_path))  # a host's (or the first app's) set-up stays
     assert len(root.handlers) == 1 and root.level == logging.DEBUG
+
+
+def test_unknown_log_level_is_refused_naming_the_setting(monkeypatch: pytest.MonkeyPatch,
+                                                         tmp_path: Path) -> None:
+    from pydantic import ValidationError
+
+    assert Settings(log_level="debug").log_level == "DEBUG"
+    monkeypatch.setenv("XMR_LOG_LEVEL", "loud")
+    with pytest.raises(ValidationError, match="(?s)log_level.*unknown logging level 'loud'"):
+        Settings()
+    result = CliRunner().invoke(app, ["synthetic", "--out", str(tmp_path / "data")])
+    assert result.exit_code == 2 and "unknown logging level 'loud'" in result.output
+    assert not (tmp_path / "data").exists()  # refused before the command ran
