@@ -105,6 +105,8 @@ def test_unknown_log_level_is_refused_naming_the_setting(monkeypatch: pytest.Mon
     monkeypatch.setenv("XMR_LOG_LEVEL", "loud")
     with pytest.raises(ValidationError, match="(?s)log_level.*unknown logging level 'loud'"):
         Settings()
-    result = CliRunner().invoke(app, ["synthetic", "--out", str(tmp_path / "data")])
+    # the option's default is read from XMR_LOG_LEVEL at import, so pass the option here
+    result = CliRunner().invoke(app, ["--log-level", "loud", "synthetic",
+                                      "--out", str(tmp_path / "data")])
     assert result.exit_code == 2 and "unknown logging level 'loud'" in result.output
     assert not (tmp_path / "data").exists()  # refused before the command ran
