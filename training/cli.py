@@ -113,12 +113,40 @@ def train_command(
 def synthetic_command(
     out: Annotated[Path, typer.Option("--out", help="Directory to write <market>_5core.txt to.")],
     seed: Annotated[int, typer.Option("--seed")] = 0,
+    items: Annotated[int | None, typer.Option(
+        "--items", min=1, help="Catalogue size: writes the scale workload (default 100000 "
+        "when another size option is given).")] = None,
+    markets: Annotated[int | None, typer.Option(
+        "--markets", min=1, help="Markets of the scale workload (default 7).")] = None,
+    users: Annotated[int | None, typer.Option(
+        "--users", min=1, help="Users over all markets (default 50000).")] = None,
+    popularity_exponent: Annotated[float | None, typer.Option(
+        "--popularity-exponent", help="Item popularity ~ rank^-a (default 1.0).")] = None,
+    overlap: Annotated[float | None, typer.Option(
+        "--overlap", help="Share of the catalogue every market sells (default 0.3).")] = None,
 ) -> None:
-    """Write the deterministic synthetic multi-market data set (the demo's data)."""
-    from training.synthetic import SyntheticSpec, write_synthetic
+    """Write deterministic synthetic markets: without size options the demo's three small
+    markets (aa, bb, cc); with any of them the scale workload (markets m00, m01, ...):
+    power-law popularity, overlapping catalogues, sessions drawn from latent topics."""
+    from training.synthetic import ScaleSpec, SyntheticSpec, write_scale, write_synthetic
 
-    for path in write_synthetic(out, SyntheticSpec(seed=seed)):
-        typer.echo(f"wrote {path}")
+    given = {"n_items": items, "n_markets": markets, "n_users": users,
+             "popularity_exponent": popularity_exponent, "overlap": overlap}
+    scale = {k: v for k, v in given.items() if v is not None}
+    if not scale:
+        for path in write_synthetic(out, SyntheticSpec(seed=seed)):
+            typer.echo(f"wrote {path}")
+        return
+    try:
+        spec = ScaleSpec(seed=seed, **scale)  # type: ignore[arg-type]
+    except ValueError as e:
+        raise fail(str(e)) from e
+    written = write_scale(out, spec)
+    for path, n_users, n_rows in written:
+        typer.echo(f"wrote {path} users={n_users} interactions={n_rows}")
+    typer.echo(f"{spec.n_items} items, {spec.n_markets} markets, "
+               f"{sum(n for _, n, _ in written)} users, {sum(r for *_, r in written)} "
+               "interactions")
 
 
 @app.command("experiment")
