@@ -131,36 +131,54 @@ def read_market(path: Path, market: str, options: LoaderOptions | None = None) -
     user_at, item_at = columns.index(options.user_col), columns.index(options.item_col)
     date_at = columns.index(options.date_col) if options.date_col is not None else None
 
-    rows: list[tuple[str, int, str, str]] = []  # (date, row, user, item)
+    # Columns of strings, sorted by index below: no container object per row, which the
+    # cyclic GC would walk again and again while millions of rows are read.
+    users: list[str] = []
+    items: list[str] = []
+    dates: list[str] = []
+    n_columns = len(columns)
     for offset, raw in enumerate(lines[line_no:], start=line_no + 1):
-        line = raw.strip()
-        if not line:
-            continue
-        fields = _split_line(line, options.sep)
-        if len(fields) != len(columns):
-            raise DataError(f"{path}:{offset}: expected {len(columns)} columns, got {len(fields)}")
+        if options.sep is None:
+            fields = raw.split()  # splitting on whitespace strips the fields too
+            if not fields:
+                continue
+        else:
+            line = raw.strip()
+            if not line:
+                continue
+            fields = _split_line(line, options.sep)
+        if len(fields) != n_columns:
+            raise DataError(f"{path}:{offset}: expected {n_columns} columns, got {len(fields)}")
         user, item = fields[user_at].strip(), fields[item_at].strip()
         if not user or not item:
             raise DataError(f"{path}:{offset}: empty user or item id")
-        date = fields[date_at].strip() if date_at is not None else ""
-        if date_at is not None and not date:
-            raise DataError(f"{path}:{offset}: empty date")
-        rows.append((date, offset, user, item))
-    if not rows:
+        if date_at is not None:
+            date = fields[date_at].strip()
+            if not date:
+                raise DataError(f"{path}:{offset}: empty date")
+            dates.append(date)
+        users.append(user)
+        items.append(item)
+    if not users:
         raise DataError(f"{path}: no interactions")
-    rows.sort()  # by (date, row in file); a date-less file keeps file order
+    # by (date, row in file): the sort is stable; a date-less file keeps file order
+    order = sorted(range(len(users)), key=dates.__getitem__) if dates else range(len(users))
 
     sequences: dict[str, list[str]] = {}
     seen: dict[str, set[str]] = {}
     n_duplicates = 0
-    for _, _, user, item in rows:
-        user_items = seen.setdefault(user, set())
-        if item in user_items:
+    for i in order:
+        user, item = users[i], items[i]
+        user_items = seen.get(user)
+        if user_items is None:
+            seen[user] = {item}
+            sequences[user] = [item]
+        elif item in user_items:
             n_duplicates += 1
-            continue
-        user_items.add(item)
-        sequences.setdefault(user, []).append(item)
-    return MarketLog(market, sequences, n_rows=len(rows), n_duplicates=n_duplicates)
+        else:
+            user_items.add(item)
+            sequences[user].append(item)
+    return MarketLog(market, sequences, n_rows=len(users), n_duplicates=n_duplicates)
 
 
 def read_dataset(
