@@ -107,10 +107,13 @@ def check_limits(body: RecommendRequest, settings: Settings) -> None:
 
 
 def market_info(model: MarketModel) -> MarketInfo:
+    index = model.index
     return MarketInfo(market=model.market, model_version=model.model_version,
                       index_version=model.index_version, n_items=model.n_items,
-                      search=model.index.search.kind, encoder=model.encoder.kind,
-                      device=str(model.device))
+                      search=index.search.kind, index=index.manifest.kind,
+                      index_params=index.manifest.params, exact=index.exact,
+                      recall_at_10=None if index.exact else index.manifest.recall_at_10,
+                      encoder=model.encoder.kind, device=str(model.device))
 
 
 def to_response(market: str, rec: Recommendation) -> RecommendResponse:
@@ -145,7 +148,8 @@ async def recommend(
     market: MarketPath, body: RecommendRequest,
     context: Annotated[RecommendContext, Depends(get_recommend_context)],
 ) -> RecommendResponse:
-    """Top-k items of the market for a session (exact inner product over the market's items)."""
+    """Top-k items of the market for a session by inner product over the market's items: exact,
+    or from an approximate index where one was built (`GET /markets` says which)."""
     check_limits(body, context.settings)
     model = context.bundle.market(market)
     items = body.items

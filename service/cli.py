@@ -50,23 +50,71 @@ def index_build_command(
     artifacts: Annotated[Path, typer.Option("--artifacts", help="Directory from `xmr train`.")],
     market: Annotated[list[str] | None, typer.Option(
         "--market", help="Market to build (repeatable; default: every market).")] = None,
+    index: Annotated[str, typer.Option(
+        "--index", help="auto (exact flat up to --exact-max-items items, ivf above), flat "
+        "(exact), ivf or hnsw (approximate, tuned to --min-recall).")] = "auto",
+    min_recall: Annotated[float, typer.Option(
+        "--min-recall", help="Recall@10 against exact search an approximate index must reach; "
+        "below it the index is refused and the current one keeps serving.")] = 0.95,
+    exact_max_items: Annotated[int | None, typer.Option(
+        "--exact-max-items", help="--index auto: the largest market indexed exactly "
+        "(default 100000).")] = None,
+    nprobe: Annotated[int | None, typer.Option(
+        "--nprobe", help="ivf: lists searched (default: the smallest reaching the floor).")
+    ] = None,
+    nlist: Annotated[int | None, typer.Option(
+        "--nlist", help="ivf: lists (default: about sqrt(items)).")] = None,
+    ef_search: Annotated[int | None, typer.Option(
+        "--ef-search", help="hnsw: efSearch (default: the smallest reaching the floor).")
+    ] = None,
+    recall_queries: Annotated[int, typer.Option(
+        "--recall-queries", help="Query vectors sampled to tune and check recall.")] = 1000,
+    threads: Annotated[int, typer.Option(
+        "--threads", min=1, help="FAISS and torch threads for building.")] = 1,
 ) -> None:
-    """Build each market's FAISS index from its fine-tuned checkpoint (atomic, idempotent)."""
+    """Build each market's FAISS index from its fine-tuned checkpoint (atomic, idempotent) and
+    print its kind, recall@10 against exact search, and build time."""
+    import torch
+
     from service.bundle import discover_markets
-    from service.errors import ServiceError
-    from service.index import build_index
+    from service.errors import IndexRecallError, ServiceError
+    from service.index import EXACT_MAX_ITEMS, IndexOptions, build_index, set_search_threads
     from training.checkpoint import CheckpointError
 
+    try:
+        options = IndexOptions(kind=index, min_recall=min_recall,
+                               exact_max_items=EXACT_MAX_ITEMS if exact_max_items is None
+                               else exact_max_items,
+                               recall_queries=recall_queries, nlist=nlist, nprobe=nprobe,
+                               ef_search=ef_search)
+    except ValueError as e:
+        raise _fail(str(e)) from e
+    torch.set_num_threads(threads)
+    set_search_threads(threads)
+    refused = []
     try:
         markets = market or discover_markets(artifacts)
         if not markets:
             raise _fail(f"{artifacts}: no market checkpoints")
         for name in markets:
-            manifest = build_index(artifacts / "markets" / name)
-            typer.echo(f"{name}: index {manifest.version} n_items={manifest.n_items} "
+            try:
+                manifest = build_index(artifacts / "markets" / name, options)
+            except IndexRecallError as e:
+                typer.echo(f"{name}: refused: {e.message}", err=True)
+                refused.append(name)
+                continue
+            recall = ("1.000 (exact)" if manifest.recall_at_10 is None
+                      else f"{manifest.recall_at_10:.3f}")
+            params = "".join(f" {k}={v}" for k, v in manifest.params.items())
+            typer.echo(f"{name}: index {manifest.version} kind={manifest.kind}{params} "
+                       f"n_items={manifest.n_items} recall@10={recall} "
+                       f"build_s={manifest.build_seconds:.2f} "
                        f"model_version={manifest.model_version}")
     except (ServiceError, CheckpointError) as e:
         raise _fail(getattr(e, "message", str(e))) from e
+    if refused:
+        raise _fail(f"recall below {min_recall} for {', '.join(refused)}: their indexes were "
+                    "not replaced")
 
 
 @app.command("serve")

@@ -52,6 +52,13 @@ class IndexMismatchError(IndexLoadError):
     code = "index_mismatch"
 
 
+class IndexRecallError(ServiceError):
+    """An approximate index whose recall@10 against exact search is below the floor at build
+    time; it is not written, and the market's current index keeps serving."""
+
+    code = "index_recall"
+
+
 class ArtifactsError(ServiceError):
     """Artifacts that cannot be served (no markets, unreadable checkpoint or index)."""
 

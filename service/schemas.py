@@ -67,6 +67,15 @@ class MarketInfo(BaseModel):
     index_version: str
     n_items: int = Field(description="Items sold in the market (indexed).")
     search: str
+    index: str = Field(description="Index kind: flat_ip (exact), ivf_ip or hnsw_ip (approximate, "
+                       "built by `xmr index build --index`).")
+    index_params: dict[str, int] = Field(
+        description="The index's parameters: ivf_ip nlist, nprobe; hnsw_ip m, ef_construction, "
+                    "ef_search.")
+    exact: bool = Field(description="Whether the search returns the exact top-K.")
+    recall_at_10: float | None = Field(
+        description="An approximate index's recall@10 against exact search, measured when it "
+                    "was built; null where the search is exact.")
     encoder: str = Field(
         description="Session encoder: onnx (ONNX Runtime), torch (eager) or cuda-graphs.")
     device: str

@@ -1,0 +1,164 @@
+"""Approximate index kinds (IVF, HNSW): built on request or by `auto` above a size, tuned to a
+recall floor measured against exact search, refused below it, loaded with their parameters,
+and reported by the service."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from service.bundle import load_bundle
+from service.cli import app
+from service.errors import IndexLoadError, IndexRecallError
+from service.index import (
+    INDEX_MANIFEST,
+    IndexOptions,
+    build_index,
+    load_index,
+    market_vectors,
+    read_index_manifest,
+)
+from service.recall import exact_top_k, recall_at_k, sample_queries
+from training.checkpoint import load_checkpoint
+
+
+def test_recall_at_k_counts_the_exact_hits_found() -> None:
+    exact = np.array([[1, 2, 3, 4], [5, 6, 7, -1]])
+    found = np.array([[4, 3, 9, 8], [7, 6, 5, -1]])
+    assert recall_at_k(found, exact) == pytest.approx((2 / 4 + 3 / 3) / 2)
+
+
+def test_sampled_queries_are_the_models_user_vectors_and_exact_top_k_is_brute_force(
+        service_artifacts: Path) -> None:
+    checkpoint = load_checkpoint(service_artifacts / "markets" / "aa")
+    rows, vectors = market_vectors(checkpoint)
+    first = sample_queries(checkpoint, rows, 40, seed=3)
+    again = sample_queries(checkpoint, rows, 40, seed=3)
+    assert first.tune.shape == first.check.shape == (20, vectors.shape[1])
+    np.testing.assert_array_equal(first.tune, again.tune)
+    # half the queries are one item each: the model's own encoding of a single-item session
+    with torch.inference_mode():
+        singles = checkpoint.model.encode(torch.as_tensor(rows)[:, None],
+                                          torch.full((len(rows),), checkpoint.market_row))
+    queries = np.concatenate([first.tune, first.check])
+    distance = np.linalg.norm(queries[:, None, :] - singles.numpy()[None], axis=2)  # (Q, N)
+    assert (distance.min(axis=1) < 1e-4).sum() >= 20
+    top = exact_top_k(rows, vectors, queries, k=10)
+    brute = rows[np.argsort(-(queries @ vectors.T), axis=1, kind="stable")[:, :10]]
+    assert recall_at_k(top, brute) == 1.0
+
+
+@pytest.mark.parametrize("kind, params", [
+    ("hnsw", {"m", "ef_construction", "ef_search"}),
+    ("ivf", {"nlist", "nprobe"}),
+])
+def test_approximate_index_records_kind_parameters_and_recall(
+        artifacts_copy: Path, kind: str, params: set[str]) -> None:
+    market_dir = artifacts_copy / "markets" / "aa"
+    # 2 IVF lists searched both: tiny markets need every list for the floor
+    options = IndexOptions(kind=kind, nlist=2, nprobe=2, recall_queries=200)
+    manifest = build_index(market_dir, options)
+    assert manifest.kind == f"{kind}_ip" and set(manifest.params) == params
+    assert manifest.recall_at_10 is not None and manifest.recall_at_10 >= 0.95
+    assert manifest.recall_queries == 100 and manifest.search_p50_ms is not None
+    assert read_index_manifest(market_dir) == manifest
+    checkpoint = load_checkpoint(market_dir)
+    index = load_index(market_dir, checkpoint, "faiss", "cpu")
+    assert not index.exact
+    # at this size the tuned search finds the exact top-10 of real user vectors
+    rows, vectors = market_vectors(checkpoint)
+    queries = sample_queries(checkpoint, rows, 50, seed=11).check
+    _, found = index.search.search(torch.from_numpy(queries), 10)
+    assert recall_at_k(found, exact_top_k(rows, vectors, queries)) == 1.0
+    np.testing.assert_array_equal(np.sort(index.rows), np.sort(rows))
+
+
+def test_auto_is_exact_up_to_its_size_and_ivf_above(artifacts_copy: Path) -> None:
+    market_dir = artifacts_copy / "markets" / "bb"
+    n_items = read_index_manifest(market_dir).n_items
+    exact = build_index(market_dir, IndexOptions(exact_max_items=n_items))
+    assert exact.kind == "flat_ip" and exact.params == {} and exact.recall_at_10 is None
+    above = build_index(market_dir, IndexOptions(exact_max_items=n_items - 1, nlist=2, nprobe=2,
+                                                 recall_queries=100))
+    assert above.kind == "ivf_ip" and above.params == {"nlist": 2, "nprobe": 2}
+    assert build_index(market_dir).kind == "flat_ip"  # the default keeps small markets exact
+
+
+def test_index_below_the_recall_floor_is_refused_and_the_old_one_keeps_serving(
+        artifacts_copy: Path) -> None:
+    market_dir = artifacts_copy / "markets" / "aa"
+    before = (market_dir / INDEX_MANIFEST).read_bytes()
+    files = sorted(p.name for p in market_dir.iterdir())
+    # 16 lists with one searched cannot find the exact top-10 of most queries
+    with pytest.raises(IndexRecallError, match=r"recall@10=0\.\d+ .* below the floor 0\.95"):
+        build_index(market_dir, IndexOptions(kind="ivf", nlist=16, nprobe=1))
+    assert (market_dir / INDEX_MANIFEST).read_bytes() == before
+    assert sorted(p.name for p in market_dir.iterdir()) == files
+    checkpoint = load_checkpoint(market_dir)
+    assert load_index(market_dir, checkpoint, "faiss", "cpu").manifest.kind == "flat_ip"
+
+
+def test_index_build_command_prints_recall_and_refuses_below_the_floor(
+        artifacts_copy: Path) -> None:
+    runner = CliRunner()
+    built = runner.invoke(app, ["index", "build", "--artifacts", str(artifacts_copy),
+                                "--index", "hnsw", "--recall-queries", "100"])
+    assert built.exit_code == 0, built.output
+    lines = [line for line in built.output.splitlines() if ": index " in line]
+    assert [line.split(":")[0] for line in lines] == ["aa", "bb", "cc"]
+    assert all("kind=hnsw_ip" in line and "recall@10=" in line for line in lines)
+    exact = runner.invoke(app, ["index", "build", "--artifacts", str(artifacts_copy),
+                                "--market", "cc"])
+    assert "kind=flat_ip" in exact.output and "recall@10=1.000 (exact)" in exact.output
+    before = (artifacts_copy / "markets" / "aa" / INDEX_MANIFEST).read_bytes()
+    refused = runner.invoke(app, ["index", "build", "--artifacts", str(artifacts_copy),
+                                  "--index", "ivf", "--nlist", "16", "--nprobe", "1"])
+    assert refused.exit_code == 1
+    assert "aa: refused:" in refused.output and "not replaced" in refused.output
+    assert (artifacts_copy / "markets" / "aa" / INDEX_MANIFEST).read_bytes() == before
+    bad = runner.invoke(app, ["index", "build", "--artifacts", str(artifacts_copy),
+                              "--index", "annoy"])
+    assert bad.exit_code == 1 and "one of auto, flat, ivf, hnsw" in bad.output
+
+
+def test_index_whose_file_is_not_its_manifests_kind_is_refused(artifacts_copy: Path) -> None:
+    market_dir = artifacts_copy / "markets" / "cc"
+    data = json.loads((market_dir / INDEX_MANIFEST).read_text())
+    data.update(kind="hnsw_ip", params={"m": 32, "ef_construction": 40, "ef_search": 64})
+    (market_dir / INDEX_MANIFEST).write_text(json.dumps(data))
+    with pytest.raises(IndexLoadError, match="says hnsw_ip .* holds IndexFlatIP"):
+        load_index(market_dir, load_checkpoint(market_dir), "faiss", "cpu")
+
+
+def test_schema_2_manifest_of_a_flat_index_still_loads(artifacts_copy: Path) -> None:
+    market_dir = artifacts_copy / "markets" / "cc"
+    data = json.loads((market_dir / INDEX_MANIFEST).read_text())
+    for field in ("params", "recall_at_10", "recall_queries", "search_p50_ms", "build_seconds"):
+        del data[field]
+    data["schema_version"] = 2
+    (market_dir / INDEX_MANIFEST).write_text(json.dumps(data))
+    index = load_index(market_dir, load_checkpoint(market_dir), "faiss", "cpu")
+    assert index.manifest.kind == "flat_ip" and index.exact
+
+
+def test_markets_route_reports_the_index_kind_and_its_recall(artifacts_copy: Path,
+                                                             make_service_client) -> None:  # type: ignore[no-untyped-def]
+    build_index(artifacts_copy / "markets" / "aa",
+                IndexOptions(kind="hnsw", recall_queries=100))
+    with make_service_client(artifacts=artifacts_copy) as client:
+        markets = {m["market"]: m for m in client.get("/markets").json()["markets"]}
+        assert markets["aa"]["index"] == "hnsw_ip" and markets["aa"]["exact"] is False
+        assert markets["aa"]["index_params"]["ef_search"] >= 16
+        assert markets["aa"]["recall_at_10"] >= 0.95
+        assert markets["bb"]["index"] == "flat_ip" and markets["bb"]["exact"] is True
+        assert markets["bb"]["recall_at_10"] is None
+        response = client.post("/markets/aa/recommend", json={"items": [], "k": 3})
+        assert response.status_code == 200
+    # torch search scores every item: exact whatever the index file holds
+    bundle = load_bundle(artifacts_copy, ["aa"], "torch", "cpu")
+    assert bundle.market("aa").index.exact
