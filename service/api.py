@@ -4,6 +4,7 @@ batcher, shape the response. Errors are raised as domain errors.
 
 from __future__ import annotations
 
+import os
 import secrets
 from dataclasses import dataclass
 from typing import Annotated
@@ -218,7 +219,7 @@ async def delete_session(market: MarketPath, session_id: SessionPath, bundle: Bu
 @router.get("/markets", response_model=MarketsResponse, tags=["operations"])
 async def list_markets(bundle: BundleDep) -> MarketsResponse:
     return MarketsResponse(markets=[market_info(m) for _, m in sorted(bundle.markets.items())],
-                           loaded_at=bundle.loaded_at)
+                           loaded_at=bundle.loaded_at, worker=os.getpid())
 
 
 @router.get("/healthz", response_model=StatusResponse, tags=["operations"])
@@ -259,10 +260,12 @@ async def metrics_endpoint(metrics: MetricsDep) -> Response:
 @router.post("/admin/reload", response_model=MarketsResponse,
              responses=errors_of(400, 403, 404, 413, 500), tags=["operations"])
 async def admin_reload(
-    registry: RegistryDep, settings: SettingsDep, metrics: MetricsDep,
+    request: Request, registry: RegistryDep, settings: SettingsDep, metrics: MetricsDep,
     authorization: Annotated[str | None, Header()] = None,
 ) -> MarketsResponse:
-    """Reload checkpoints and indexes (Bearer XMR_ADMIN_TOKEN); on failure the old ones stay."""
+    """Reload checkpoints and indexes (Bearer XMR_ADMIN_TOKEN); on failure the old ones stay.
+    With `xmr serve --workers N` this process answers once it has reloaded, and the other
+    workers reload next (`GET /markets` on each, or `xmr_model_info` per pid, shows it)."""
     if settings.admin_token is None:
         raise AdminDisabledError("admin endpoints are disabled (no XMR_ADMIN_TOKEN set)")
     expected = f"Bearer {settings.admin_token}"
@@ -270,6 +273,8 @@ async def admin_reload(
     if not secrets.compare_digest(given, expected.encode()):
         raise ForbiddenError("missing or wrong admin token")
     bundle = await reload_bundle(registry, metrics)
+    if request.app.state.reload_peers is not None:
+        request.app.state.reload_peers()
     return await list_markets(bundle)
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from functools import partial
 from typing import Any
@@ -143,7 +143,10 @@ def configure_logging(level: str) -> None:
         logging.basicConfig(level=level.upper(), format=LOG_FORMAT)
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, on_ready: Callable[[], None] | None = None,
+               reload_peers: Callable[[], None] | None = None) -> FastAPI:
+    """The app. `on_ready` runs once the models are loaded and SIGHUP is handled;
+    `reload_peers` after each successful admin reload (`service.workers` passes both)."""
     settings = settings or Settings()
     configure_logging(settings.log_level)
     metrics = Metrics()
@@ -173,6 +176,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         logger.info("serving markets=%s store=%s search=%s device=%s",
                     ",".join(sorted(bundle.markets)), app.state.store.kind, settings.search,
                     settings.device)
+        if on_ready is not None:
+            on_ready()
         try:
             yield
         finally:
@@ -189,6 +194,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.settings = settings
+    app.state.reload_peers = reload_peers
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:

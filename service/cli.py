@@ -125,22 +125,36 @@ def serve_command(
     port: Annotated[int | None, typer.Option("--port", help="Port (XMR_PORT).")] = None,
     redis_url: Annotated[str | None, typer.Option(
         "--redis-url", help="Redis URL for sessions (XMR_REDIS_URL; default in-process).")] = None,
+    workers: Annotated[int | None, typer.Option(
+        "--workers", min=1, help="Server processes, e.g. one per core (XMR_WORKERS; default 1); "
+        "more than one needs Redis.")] = None,
 ) -> None:
     """Serve the recommendation API; other settings come from XMR_* environment variables."""
     from pydantic import ValidationError
 
-    from service.server import serve
     from service.settings import Settings
+    from service.workers import WorkersError, check_workers, serve_workers
 
     overrides: dict[str, Any] = {
         k: v for k, v in
-        {"artifacts": artifacts, "host": host, "port": port, "redis_url": redis_url}.items()
+        {"artifacts": artifacts, "host": host, "port": port, "redis_url": redis_url,
+         "workers": workers}.items()
         if v is not None
     }
     try:
         settings = Settings(**overrides)
+        check_workers(settings)
     except ValidationError as e:
         raise _fail(f"invalid settings: {e}") from e
+    except WorkersError as e:
+        raise _fail(str(e)) from e
+    if settings.workers > 1:
+        status = serve_workers(settings)
+        if status:
+            raise typer.Exit(code=status)
+        return
+    from service.server import serve
+
     serve(settings)
 
 

@@ -1,10 +1,20 @@
-"""Prometheus metrics of one app, in its own CollectorRegistry (tests build many apps)."""
+"""Prometheus metrics of one app, in its own CollectorRegistry (tests build many apps).
+
+Under `xmr serve --workers N` (PROMETHEUS_MULTIPROC_DIR set by `service.workers` before the
+workers start) each worker writes its values to files in that directory and `/metrics`, from
+whichever worker answers, adds them up: counters and histograms summed over the workers,
+`xmr_model_info` one series per worker pid.
+"""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
+
+MULTIPROCESS_DIR = "PROMETHEUS_MULTIPROC_DIR"
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
@@ -43,7 +53,9 @@ class Metrics:
         self.model_info = Gauge(
             "xmr_model_info", "1 for the model and index version served per market.",
             ["market", "model_version", "index_version"], registry=self.registry,
+            multiprocess_mode="liveall",
         )
+        self._served: list[tuple[str, str, str]] = []
 
     def observe_request(
         self, route: str, method: str, market: str, status: int, seconds: float
@@ -55,9 +67,19 @@ class Metrics:
 
     def set_models(self, versions: Iterable[tuple[str, str, str]]) -> None:
         """(market, model_version, index_version) of the bundle now served."""
-        self.model_info.clear()
-        for market, model_version, index_version in versions:
-            self.model_info.labels(market, model_version, index_version).set(1)
+        if os.environ.get(MULTIPROCESS_DIR):  # a worker's file keeps every series it had
+            for labels in self._served:
+                self.model_info.labels(*labels).set(0)
+        else:
+            self.model_info.clear()
+        self._served = list(versions)
+        for labels in self._served:
+            self.model_info.labels(*labels).set(1)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        directory = os.environ.get(MULTIPROCESS_DIR)
+        if not directory:
+            return generate_latest(self.registry)
+        merged = CollectorRegistry()
+        MultiProcessCollector(merged, path=directory)
+        return generate_latest(merged)

@@ -84,6 +84,8 @@ class MarketInfo(BaseModel):
 class MarketsResponse(BaseModel):
     markets: list[MarketInfo]
     loaded_at: str
+    worker: int = Field(description="Process id of the server process that answered (one of "
+                        "several with `xmr serve --workers N`).")
 
 
 class ErrorResponse(BaseModel):

@@ -42,6 +42,10 @@ class Settings(BaseSettings):
         "replayed from CUDA graphs (GPU); auto = ONNX Runtime on the CPU, CUDA graphs on a GPU.")
     threads: int = Field(
         default=1, ge=1, description="Compute threads of the server: torch, ONNX Runtime, FAISS.")
+    workers: int = Field(
+        default=1, ge=1, description="Server processes on the port (`xmr serve --workers`), each "
+        "with `threads` compute threads and its own copy of the models; more than one needs "
+        "`redis_url` so that they share sessions.")
     markets: Annotated[list[str] | None, NoDecode] = Field(
         default=None, description="Comma list of markets to serve (default: all built ones)."
     )
