@@ -265,8 +265,6 @@ def _build_faiss(checkpoint: Checkpoint, rows: np.ndarray, vectors: np.ndarray,
     index = faiss.IndexIDMap(inner)
     index.add_with_ids(vectors, rows)
     queries = recall.sample_queries(checkpoint, rows, options.recall_queries, options.seed)
-    exact_tune = recall.exact_top_k(rows, vectors, queries.tune)
-    exact_check = recall.exact_top_k(rows, vectors, queries.check)
 
     def search(batch: np.ndarray, k: int) -> np.ndarray:
         return np.asarray(index.search(batch, k)[1])
@@ -274,7 +272,7 @@ def _build_faiss(checkpoint: Checkpoint, rows: np.ndarray, vectors: np.ndarray,
     threads = faiss.omp_get_max_threads()
     faiss.omp_set_num_threads(1)  # the latency recorded is one query on one thread
     try:
-        tuned = recall.tune(search, set_value, values, queries, exact_tune, exact_check,
+        tuned = recall.tune(search, set_value, values, queries, rows, vectors,
                             options.min_recall)
     finally:
         faiss.omp_set_num_threads(threads)

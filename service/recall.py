@@ -4,7 +4,8 @@ the market's own model makes. No FAISS here: `service.index` passes its searches
 Queries are user vectors encoded by the checkpoint's model (the served encoder's module) from
 two kinds of sessions, half each: 1 to 20 items drawn in proportion to the market's interaction
 counts (the head, where most traffic is), and one item drawn uniformly from the items the market
-sells (the tail). Exact search is the reference: every item of the market scored by one matmul.
+sells (the tail). Exact search is the reference: every item of the market scored by one matmul,
+and a found item counts when it scores at least the exact k-th best (`recall_at_k`).
 """
 
 from __future__ import annotations
@@ -87,20 +88,29 @@ def encode_sessions(checkpoint: Checkpoint, sessions: Sequence[np.ndarray],
     return np.ascontiguousarray(np.concatenate(out), dtype=np.float32)
 
 
-def exact_top_k(rows: np.ndarray, vectors: np.ndarray, queries: np.ndarray,
-                k: int = RECALL_K) -> np.ndarray:
-    """(Q, k) item rows of the exact inner-product top-k: the reference."""
+def exact_kth_scores(rows: np.ndarray, vectors: np.ndarray, queries: np.ndarray,
+                     k: int = RECALL_K) -> np.ndarray:
+    """(Q,) each query's exact k-th best score over the market's items: the reference."""
     search = TorchSearch(rows, vectors, "cpu")
-    found = [search.search(torch.from_numpy(queries[i:i + EXACT_BLOCK]), k)[1]
+    found = [search.search(torch.from_numpy(queries[i:i + EXACT_BLOCK]), k)[0][:, k - 1]
              for i in range(0, len(queries), EXACT_BLOCK)]
     return np.concatenate(found)
 
 
-def recall_at_k(found: np.ndarray, exact: np.ndarray) -> float:
-    """Mean share of each query's exact top-k that the approximate search returned."""
-    hits = [len(set(f[f >= 0].tolist()) & set(e[e >= 0].tolist())) / max(1, int((e >= 0).sum()))
-            for f, e in zip(found, exact, strict=True)]
-    return float(np.mean(hits))
+def recall_at_k(found: np.ndarray, queries: np.ndarray, rows: np.ndarray,
+                vectors: np.ndarray, kth: np.ndarray) -> float:
+    """Mean share of the k places whose found item scores at least the exact k-th best score.
+
+    By score, not by item: items with equal vectors (two items only ever bought together, say)
+    tie, and exact search itself may return either; a tie found is a hit (as ann-benchmarks
+    counts it), and float rounding between two searches is no miss."""
+    position = np.full(int(rows.max()) + 1, -1, dtype=np.int64)
+    position[rows] = np.arange(len(rows))
+    valid = (found >= 0) & (found < len(position))
+    at = np.where(valid, position[np.where(valid, found, 0)], -1)  # (Q, k) index positions
+    scores = np.einsum("qd,qkd->qk", queries, vectors[np.maximum(at, 0)])  # (Q, k)
+    hits = (at >= 0) & (scores >= (kth - 1e-5 * np.abs(kth) - 1e-6)[:, None])
+    return float(hits.sum() / found.size)
 
 
 def search_latency_ms(search: Searcher, queries: np.ndarray, k: int = RECALL_K,
@@ -115,17 +125,20 @@ def search_latency_ms(search: Searcher, queries: np.ndarray, k: int = RECALL_K,
 
 
 def tune(search: Searcher, set_value: Callable[[int], None], values: Sequence[int],
-         queries: Queries, exact_tune: np.ndarray, exact_check: np.ndarray,
-         floor: float) -> Tuned:
+         queries: Queries, rows: np.ndarray, vectors: np.ndarray, floor: float) -> Tuned:
     """The smallest of `values` (cheapest first) whose recall@10 on the tune queries reaches
     `floor`, or the last one tried; then its recall and latency on the check queries."""
+    kth_tune = exact_kth_scores(rows, vectors, queries.tune)
+    kth_check = exact_kth_scores(rows, vectors, queries.check)
     tried: dict[int, float] = {}
     for value in values:
         set_value(value)
-        tried[value] = recall_at_k(search(queries.tune, RECALL_K), exact_tune)
+        found = search(queries.tune, RECALL_K)
+        tried[value] = recall_at_k(found, queries.tune, rows, vectors, kth_tune)
         logger.debug("recall tuning value=%d recall@10=%.4f", value, tried[value])
         if tried[value] >= floor:
             break
-    recall = recall_at_k(search(queries.check, RECALL_K), exact_check)
+    recall = recall_at_k(search(queries.check, RECALL_K), queries.check, rows, vectors,
+                         kth_check)
     p50, p99 = search_latency_ms(search, queries.check)
     return Tuned(value, recall, p50, p99, tried)

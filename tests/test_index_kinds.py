@@ -23,18 +23,23 @@ from service.index import (
     market_vectors,
     read_index_manifest,
 )
-from service.recall import exact_top_k, recall_at_k, sample_queries
+from service.recall import exact_kth_scores, recall_at_k, sample_queries
 from training.checkpoint import load_checkpoint
 
 
-def test_recall_at_k_counts_the_exact_hits_found() -> None:
-    exact = np.array([[1, 2, 3, 4], [5, 6, 7, -1]])
-    found = np.array([[4, 3, 9, 8], [7, 6, 5, -1]])
-    assert recall_at_k(found, exact) == pytest.approx((2 / 4 + 3 / 3) / 2)
+def test_recall_at_k_counts_found_items_scoring_at_least_the_exact_kth() -> None:
+    rows = np.array([1, 2, 3, 4, 5])
+    vectors = np.array([[5.0], [4.0], [4.0], [2.0], [1.0]], dtype=np.float32)  # rows 2, 3 tie
+    queries = np.ones((3, 1), dtype=np.float32)
+    kth = exact_kth_scores(rows, vectors, queries, k=2)
+    np.testing.assert_array_equal(kth, [4.0, 4.0, 4.0])
+    found = np.array([[1, 3], [1, 4], [5, -1]])  # a tie counts; a miss and -1 do not
+    assert recall_at_k(found[:1], queries[:1], rows, vectors, kth[:1]) == 1.0
+    assert recall_at_k(found[1:2], queries[1:2], rows, vectors, kth[1:2]) == 0.5
+    assert recall_at_k(found, queries, rows, vectors, kth) == pytest.approx((2 + 1 + 0) / 6)
 
 
-def test_sampled_queries_are_the_models_user_vectors_and_exact_top_k_is_brute_force(
-        service_artifacts: Path) -> None:
+def test_sampled_queries_are_the_models_user_vectors(service_artifacts: Path) -> None:
     checkpoint = load_checkpoint(service_artifacts / "markets" / "aa")
     rows, vectors = market_vectors(checkpoint)
     first = sample_queries(checkpoint, rows, 40, seed=3)
@@ -48,9 +53,8 @@ def test_sampled_queries_are_the_models_user_vectors_and_exact_top_k_is_brute_fo
     queries = np.concatenate([first.tune, first.check])
     distance = np.linalg.norm(queries[:, None, :] - singles.numpy()[None], axis=2)  # (Q, N)
     assert (distance.min(axis=1) < 1e-4).sum() >= 20
-    top = exact_top_k(rows, vectors, queries, k=10)
-    brute = rows[np.argsort(-(queries @ vectors.T), axis=1, kind="stable")[:, :10]]
-    assert recall_at_k(top, brute) == 1.0
+    brute = np.sort(queries @ vectors.T, axis=1)[:, -10]  # (Q,) the 10th best score
+    np.testing.assert_allclose(exact_kth_scores(rows, vectors, queries), brute, rtol=1e-5)
 
 
 @pytest.mark.parametrize("kind, params", [
@@ -74,7 +78,8 @@ def test_approximate_index_records_kind_parameters_and_recall(
     rows, vectors = market_vectors(checkpoint)
     queries = sample_queries(checkpoint, rows, 50, seed=11).check
     _, found = index.search.search(torch.from_numpy(queries), 10)
-    assert recall_at_k(found, exact_top_k(rows, vectors, queries)) == 1.0
+    kth = exact_kth_scores(rows, vectors, queries)
+    assert recall_at_k(found, queries, rows, vectors, kth) == 1.0
     np.testing.assert_array_equal(np.sort(index.rows), np.sort(rows))
 
 
