@@ -11,6 +11,7 @@ from typing import Annotated, Any
 
 import typer
 
+from service.index_manifest import EXACT_MAX_ITEMS
 from training.cli import app as training_app
 
 app = typer.Typer(
@@ -56,9 +57,9 @@ def index_build_command(
     min_recall: Annotated[float, typer.Option(
         "--min-recall", help="Recall@10 against exact search an approximate index must reach; "
         "below it the index is refused and the current one keeps serving.")] = 0.95,
-    exact_max_items: Annotated[int | None, typer.Option(
-        "--exact-max-items", help="--index auto: the largest market indexed exactly "
-        "(default 100000).")] = None,
+    exact_max_items: Annotated[int, typer.Option(
+        "--exact-max-items", help="--index auto: the largest market indexed exactly.")
+    ] = EXACT_MAX_ITEMS,
     nprobe: Annotated[int | None, typer.Option(
         "--nprobe", help="ivf: lists searched (default: the smallest reaching the floor).")
     ] = None,
@@ -78,13 +79,12 @@ def index_build_command(
 
     from service.bundle import discover_markets
     from service.errors import IndexRecallError, ServiceError
-    from service.index import EXACT_MAX_ITEMS, IndexOptions, build_index, set_search_threads
+    from service.index import build_index, set_search_threads
+    from service.index_manifest import IndexOptions
     from training.checkpoint import CheckpointError
 
     try:
-        options = IndexOptions(kind=index, min_recall=min_recall,
-                               exact_max_items=EXACT_MAX_ITEMS if exact_max_items is None
-                               else exact_max_items,
+        options = IndexOptions(kind=index, min_recall=min_recall, exact_max_items=exact_max_items,
                                recall_queries=recall_queries, nlist=nlist, nprobe=nprobe,
                                ef_search=ef_search)
     except ValueError as e:

@@ -45,6 +45,7 @@ class Tuned:
 
     value: int
     recall: float  # recall@10 on the check queries
+    n_queries: int  # check queries
     search_p50_ms: float  # one query at a time, on the calling thread's FAISS threads
     search_p99_ms: float
     tried: dict[int, float]  # value -> recall@10 on the tune queries
@@ -141,4 +142,4 @@ def tune(search: Searcher, set_value: Callable[[int], None], values: Sequence[in
     recall = recall_at_k(search(queries.check, RECALL_K), queries.check, rows, vectors,
                          kth_check)
     p50, p99 = search_latency_ms(search, queries.check)
-    return Tuned(value, recall, p50, p99, tried)
+    return Tuned(value, recall, len(queries.check), p50, p99, tried)

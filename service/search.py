@@ -1,15 +1,20 @@
-"""Exact inner-product top-K in torch (CPU or GPU): the `torch` search backend.
+"""Searching a market's items: the `Search` protocol, exact inner-product top-K in torch (CPU
+or GPU, the `torch` backend), and `MarketIndex`, a loaded index with its search.
 
-Both backends answer `search(users (B, D), k) -> (scores (B, k), rows (B, k))` with row -1 and
-score -inf where fewer than k items exist, so the recommender treats them alike.
+Every backend answers `search(users (B, D), k) -> (scores (B, k), rows (B, k))` with row -1
+and score -inf where fewer than k items exist, so the recommender treats them alike.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 import torch
+
+from service.index_manifest import IndexManifest
 
 
 class Search(Protocol):
@@ -42,3 +47,32 @@ class TorchSearch:
             top_np = np.pad(top_np, ((0, 0), (0, pad)), constant_values=-np.inf)
             rows_np = np.pad(rows_np, ((0, 0), (0, pad)), constant_values=-1)
         return top_np, rows_np
+
+
+@dataclass
+class MarketIndex:
+    """A loaded, checked index: item rows and their vectors in index order, plus a search."""
+
+    manifest: IndexManifest
+    rows: np.ndarray  # (N,) item rows sold in the market
+    vectors: np.ndarray  # (N, D) market-shifted item vectors, float32, never normalised
+    position: np.ndarray  # (n_rows,) index position of each item row, -1 if not in the market
+    search: Search
+    encoder_path: Path  # the checked ONNX export of the market's encoder
+
+    @classmethod
+    def of(cls, manifest: IndexManifest, rows: np.ndarray, vectors: np.ndarray, n_rows: int,
+           search: Search, encoder_path: Path) -> MarketIndex:
+        """The index with `position` computed for a vocabulary of `n_rows` rows."""
+        position = np.full(n_rows, -1, dtype=np.int64)
+        position[rows] = np.arange(len(rows))
+        return cls(manifest, rows, vectors, position, search, encoder_path)
+
+    @property
+    def exact(self) -> bool:
+        """Whether searches return the exact top-K (flat FAISS, or torch over every item)."""
+        return self.manifest.kind == "flat_ip" or isinstance(self.search, TorchSearch)
+
+    def score(self, user: np.ndarray, rows: list[int]) -> np.ndarray:
+        """Exact scores of the given item rows (all in the index) for one user vector (D,)."""
+        return self.vectors[self.position[rows]] @ user.astype(np.float32)  # (len(rows),)

@@ -15,14 +15,8 @@ from typer.testing import CliRunner
 from service.bundle import load_bundle
 from service.cli import app
 from service.errors import IndexLoadError, IndexRecallError
-from service.index import (
-    INDEX_MANIFEST,
-    IndexOptions,
-    build_index,
-    load_index,
-    market_vectors,
-    read_index_manifest,
-)
+from service.index import build_index, load_index, market_vectors
+from service.index_manifest import INDEX_MANIFEST, IndexOptions, read_index_manifest
 from service.recall import exact_kth_scores, recall_at_k, sample_queries
 from training.checkpoint import load_checkpoint
 

@@ -17,7 +17,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from typer.testing import CliRunner
 
 from service.cli import app
-from service.index import IndexOptions, build_index
+from service.index import build_index
+from service.index_manifest import IndexOptions
 from tests.conftest import RedisProcess, free_port
 
 TOKEN = "workers-test-token"

@@ -1,0 +1,141 @@
+"""What a market's index is, without FAISS: the kinds, the options `xmr index build` builds
+from (`IndexOptions`), and `index.json`, the manifest that records what was built
+(`IndexManifest`). `service.index` builds and loads the FAISS files; this module is cheap to
+import (the CLI reads its defaults).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ValidationError
+
+from service.errors import IndexLoadError
+
+INDEX_MANIFEST = "index.json"
+SCHEMA_VERSION = 3  # 2: the exported encoder joined the index; 3: approximate kinds
+READABLE_VERSIONS = (2, 3)  # a schema-2 manifest is a flat_ip one without the new fields
+IndexKind = Literal["flat_ip", "ivf_ip", "hnsw_ip"]
+INDEX_CHOICES = ("auto", "flat", "ivf", "hnsw")
+# `auto` builds the exact index up to this many items: one query over 100K items x 64 took
+# about 1 ms on one core here, over 1M items 15 ms (benchmarks/README.md, scale benchmark).
+EXACT_MAX_ITEMS = 100_000
+# Tried in order, steps of about 1.5x: at 1M items nprobe 64 gave recall@10 0.951 in 1.1 ms,
+# 96 gave 0.974 in 1.4 ms and 128 0.986 in 2.2 ms (benchmarks/README.md, scale benchmark).
+IVF_NPROBES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)  # <= nlist / 4
+# Tuning aims this far above the floor on one half of the queries, so that the other half,
+# which decides, does not miss the floor by the sampling noise of 500 queries (~0.01).
+TUNE_MARGIN = 0.01
+HNSW_EF_SEARCHES = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
+
+
+@dataclass(frozen=True)
+class IndexOptions:
+    """How `build_index` builds: the kind, the recall floor and the parameters it may tune."""
+
+    kind: str = "auto"  # auto, flat, ivf or hnsw
+    exact_max_items: int = EXACT_MAX_ITEMS  # auto: flat up to this many items, ivf above
+    min_recall: float = 0.95  # recall@10 against exact search that an approximate index needs
+    recall_queries: int = 1000  # query vectors sampled for tuning (half) and checking (half)
+    seed: int = 0
+    nlist: int | None = None  # IVF lists; default about sqrt(N), a power of two
+    nprobe: int | None = None  # IVF lists searched; default the smallest meeting the floor
+    hnsw_m: int = 32  # HNSW links per node
+    ef_construction: int = 40
+    ef_search: int | None = None  # HNSW; default the smallest meeting the floor
+
+    def __post_init__(self) -> None:
+        if self.kind not in INDEX_CHOICES:
+            raise ValueError(f"index kind {self.kind!r}: one of {', '.join(INDEX_CHOICES)}")
+        if not 0.0 < self.min_recall <= 1.0:
+            raise ValueError(f"min_recall {self.min_recall} must lie in (0, 1]")
+        if self.recall_queries < 2:
+            raise ValueError("recall_queries must be at least 2")
+
+    def resolve(self, n_items: int) -> IndexKind:
+        """The kind to build for a market of `n_items` items."""
+        if self.kind == "auto":
+            return "flat_ip" if n_items <= self.exact_max_items else "ivf_ip"
+        return _KINDS[self.kind]
+
+
+_KINDS: dict[str, IndexKind] = {"flat": "flat_ip", "ivf": "ivf_ip", "hnsw": "hnsw_ip"}
+
+
+class _SchemaVersion(BaseModel):
+    schema_version: int
+
+
+class IndexManifest(BaseModel):
+    """`index.json`: which `index-<version>.faiss` serves the market, built from which weights."""
+
+    schema_version: int = SCHEMA_VERSION
+    kind: IndexKind = "flat_ip"
+    params: dict[str, int] = {}  # ivf_ip: nlist, nprobe; hnsw_ip: m, ef_construction, ef_search
+    recall_at_10: float | None = None  # against exact search; None for the exact flat_ip
+    recall_queries: int = 0  # query vectors that measured it (the check half)
+    search_p50_ms: float | None = None  # one query, one thread, on the building machine
+    build_seconds: float | None = None  # the FAISS index alone (and its tuning)
+    market: str
+    index_file: str
+    version: str  # first 12 hex digits of the index file's sha256
+    sha256: str
+    encoder_file: str  # encoder-<12 hex>.onnx: the market's encoder (service.export)
+    encoder_sha256: str
+    weights_sha256: str
+    model_version: str
+    n_items: int
+    dim: int
+    built_at: str
+
+
+def default_nlist(n_items: int) -> int:
+    """About sqrt(N) lists, a power of two: 1024 at a million items, where a list holds ~1,000
+    vectors and k-means on 64 points per list trains in seconds; at most N/39 lists, the
+    fewest points per list FAISS's k-means accepts without a warning."""
+    nlist = 2 ** round(math.log2(max(1.0, math.sqrt(n_items))))
+    return max(1, min(nlist, n_items // 39))
+
+
+def read_index_manifest(market_dir: Path) -> IndexManifest:
+    path = market_dir / INDEX_MANIFEST
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise IndexLoadError(f"{path}: missing; run `xmr index build`") from None
+    try:
+        # The version first: an index of another version fails on its fields otherwise, and
+        # the message would not say what to do.
+        version = _SchemaVersion.model_validate_json(text).schema_version
+        if version not in READABLE_VERSIONS:
+            raise IndexLoadError(f"{path}: schema_version {version}, this reader knows "
+                                 f"{', '.join(map(str, READABLE_VERSIONS))}; rebuild with "
+                                 "`xmr index build`")
+        return IndexManifest.model_validate_json(text)
+    except ValidationError as e:
+        raise IndexLoadError(f"{path}: invalid index manifest ({e.error_count()} errors: "
+                             f"{e.errors()[0]['msg']})") from e
+
+
+
+
+def _fsync_write(path: Path, text: str) -> None:
+    with path.open("w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_index_manifest(market_dir: Path, manifest: IndexManifest) -> None:
+    """Replace `index.json` atomically (a temporary file, fsynced, then renamed)."""
+    tmp = market_dir / f".{INDEX_MANIFEST}.{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        _fsync_write(tmp, manifest.model_dump_json(indent=2) + "\n")
+        os.replace(tmp, market_dir / INDEX_MANIFEST)
+    finally:
+        tmp.unlink(missing_ok=True)
