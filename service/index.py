@@ -11,10 +11,9 @@ against exact search (`service.recall`); one that cannot reach it is refused, no
 from __future__ import annotations
 
 import logging
-import os
 import time
-import uuid
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
@@ -34,12 +33,14 @@ from service.index_manifest import (
     IndexKind,
     IndexManifest,
     IndexOptions,
+    checked_file,
     default_nlist,
     read_index_manifest,
+    write_addressed,
     write_index_manifest,
 )
 from service.search import MarketIndex, Search, TorchSearch
-from training.checkpoint import Checkpoint, file_sha256, load_checkpoint
+from training.checkpoint import Checkpoint, load_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -68,35 +69,29 @@ def market_vectors(checkpoint: Checkpoint) -> tuple[np.ndarray, np.ndarray]:
     return rows, np.ascontiguousarray(picked, dtype=np.float32)
 
 
-def _write_addressed(market_dir: Path, prefix: str, suffix: str,
-                     write: Callable[[Path], None]) -> tuple[str, str]:
-    """Write through a temporary file to `<prefix>-<sha12><suffix>`; (file name, sha256)."""
-    tmp = market_dir / f".{prefix}-{uuid.uuid4().hex[:8]}.tmp"
-    try:
-        write(tmp)
-        sha = file_sha256(tmp)
-        name = f"{prefix}-{sha[:12]}{suffix}"
-        os.replace(tmp, market_dir / name)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return name, sha
-
-
 def build_index(market_dir: Path, options: IndexOptions | None = None) -> IndexManifest:
     """Write `index-<version>.faiss` and `encoder-<sha>.onnx`, then atomically replace
     `index.json`; the files of earlier builds go. An approximate index below the recall floor
-    raises `IndexRecallError` before anything is written: the current index keeps serving."""
+    raises `IndexRecallError` before anything is written: the current index keeps serving
+    (`auto` tries HNSW where IVF falls short, and raises if HNSW does too)."""
     options = options or IndexOptions()
     checkpoint = load_checkpoint(market_dir)
     manifest = checkpoint.manifest
     rows, vectors = market_vectors(checkpoint)
     started = time.perf_counter()
-    index, kind, params, tuned = _build_faiss(checkpoint, rows, vectors, options)
+    try:
+        index, kind, params, tuned = _build_faiss(checkpoint, rows, vectors, options)
+    except IndexRecallError as e:
+        if options.kind != "auto":
+            raise
+        logger.warning("auto: %s; building hnsw instead", e.message)
+        index, kind, params, tuned = _build_faiss(checkpoint, rows, vectors,
+                                                  replace(options, kind="hnsw"))
     seconds = time.perf_counter() - started
     faiss = _faiss()
-    index_file, sha = _write_addressed(market_dir, "index", ".faiss",
+    index_file, sha = write_addressed(market_dir, "index", ".faiss",
                                        lambda path: faiss.write_index(index, str(path)))
-    encoder_file, encoder_sha = _write_addressed(
+    encoder_file, encoder_sha = write_addressed(
         market_dir, "encoder", ".onnx",
         lambda path: export_onnx(checkpoint.model, checkpoint.market_row, path),
     )
@@ -181,9 +176,8 @@ def _search_parameter(kind: IndexKind, inner: Any) -> tuple[str, Callable[[int],
 
 
 def set_search_threads(threads: int) -> None:
-    """FAISS's OpenMP threads for searches made from the calling thread (OpenMP counts are per
-    thread). The default, one per core, left idle threads spinning after each small search:
-    a second core burnt at no gain (measured). Nothing to set without FAISS."""
+    """FAISS's OpenMP threads for searches from the calling thread (counts are per thread). The
+    default, one per core, left idle threads spinning after each small search (measured)."""
     try:
         faiss = _faiss()
     except IndexLoadError:
@@ -224,8 +218,8 @@ def load_index(market_dir: Path, checkpoint: Checkpoint, search: str, device: st
             f"{market_dir / INDEX_MANIFEST}: built from weights {manifest.weights_sha256[:12]}, "
             f"but the checkpoint holds {expected[:12]}; rebuild with `xmr index build`"
         )
-    path = _checked_file(market_dir, "index_file", manifest.index_file, manifest.sha256)
-    encoder_path = _checked_file(market_dir, "encoder_file", manifest.encoder_file,
+    path = checked_file(market_dir, "index_file", manifest.index_file, manifest.sha256)
+    encoder_path = checked_file(market_dir, "encoder_file", manifest.encoder_file,
                                  manifest.encoder_sha256)
     if search == "torch":
         # The weights are the index's (checked above): the vectors come from them, no FAISS.
@@ -279,17 +273,3 @@ def _checked_kind(faiss: Any, index: Any, manifest: IndexManifest, path: Path) -
                                  f"search parameter {name}; rebuild with `xmr index build`")
         set_value(manifest.params[name])
     return inner
-
-
-def _checked_file(market_dir: Path, field: str, name: str, sha256: str) -> Path:
-    """A file named by index.json's `field`: in the market directory, present, not corrupt."""
-    path = market_dir / name
-    prefix = field.removesuffix("_file") + "-"
-    if path.parent != market_dir or not path.name.startswith(prefix):
-        raise IndexLoadError(f"{market_dir / INDEX_MANIFEST}: bad {field} {name!r}")
-    if not path.is_file():
-        raise IndexLoadError(f"{path}: missing (named by {INDEX_MANIFEST})")
-    if file_sha256(path) != sha256:
-        raise IndexLoadError(f"{path}: sha256 does not match {INDEX_MANIFEST} (corrupt file)")
-    return path
-

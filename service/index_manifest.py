@@ -1,7 +1,7 @@
 """What a market's index is, without FAISS: the kinds, the options `xmr index build` builds
 from (`IndexOptions`), and `index.json`, the manifest that records what was built
-(`IndexManifest`). `service.index` builds and loads the FAISS files; this module is cheap to
-import (the CLI reads its defaults).
+(`IndexManifest`), with the content-addressed files it names. `service.index` builds and loads
+the FAISS files; this module is cheap to import (the CLI reads its defaults).
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -40,6 +41,7 @@ class IndexOptions:
 
     kind: str = "auto"  # auto, flat, ivf or hnsw
     exact_max_items: int = EXACT_MAX_ITEMS  # auto: flat up to this many items, ivf above
+    # (and hnsw where ivf cannot reach the floor: see service.index.build_index)
     min_recall: float = 0.95  # recall@10 against exact search that an approximate index needs
     recall_queries: int = 1000  # query vectors sampled for tuning (half) and checking (half)
     seed: int = 0
@@ -139,3 +141,34 @@ def write_index_manifest(market_dir: Path, manifest: IndexManifest) -> None:
         os.replace(tmp, market_dir / INDEX_MANIFEST)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_addressed(market_dir: Path, prefix: str, suffix: str,
+                    write: Callable[[Path], None]) -> tuple[str, str]:
+    """Write through a temporary file to `<prefix>-<sha12><suffix>`; (file name, sha256)."""
+    from training.checkpoint import file_sha256  # here: the module stays free of torch
+
+    tmp = market_dir / f".{prefix}-{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        write(tmp)
+        sha = file_sha256(tmp)
+        name = f"{prefix}-{sha[:12]}{suffix}"
+        os.replace(tmp, market_dir / name)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return name, sha
+
+
+def checked_file(market_dir: Path, field: str, name: str, sha256: str) -> Path:
+    """A file named by index.json's `field`: in the market directory, present, not corrupt."""
+    from training.checkpoint import file_sha256
+
+    path = market_dir / name
+    prefix = field.removesuffix("_file") + "-"
+    if path.parent != market_dir or not path.name.startswith(prefix):
+        raise IndexLoadError(f"{market_dir / INDEX_MANIFEST}: bad {field} {name!r}")
+    if not path.is_file():
+        raise IndexLoadError(f"{path}: missing (named by {INDEX_MANIFEST})")
+    if file_sha256(path) != sha256:
+        raise IndexLoadError(f"{path}: sha256 does not match {INDEX_MANIFEST} (corrupt file)")
+    return path

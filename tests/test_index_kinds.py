@@ -88,6 +88,18 @@ def test_auto_is_exact_up_to_its_size_and_ivf_above(artifacts_copy: Path) -> Non
     assert build_index(market_dir).kind == "flat_ip"  # the default keeps small markets exact
 
 
+def test_auto_builds_hnsw_where_ivf_falls_short_of_the_floor(artifacts_copy: Path) -> None:
+    market_dir = artifacts_copy / "markets" / "aa"
+    # 16 lists with one searched cannot reach the floor (next test); auto then tries HNSW
+    manifest = build_index(market_dir, IndexOptions(exact_max_items=10, nlist=16, nprobe=1,
+                                                    recall_queries=100))
+    assert manifest.kind == "hnsw_ip" and manifest.recall_at_10 is not None
+    assert manifest.recall_at_10 >= 0.95
+    with pytest.raises(IndexRecallError, match="hnsw_ip recall@10"):
+        build_index(market_dir, IndexOptions(exact_max_items=10, nlist=16, nprobe=1,
+                                             ef_search=1, hnsw_m=2, recall_queries=100))
+
+
 def test_index_below_the_recall_floor_is_refused_and_the_old_one_keeps_serving(
         artifacts_copy: Path) -> None:
     market_dir = artifacts_copy / "markets" / "aa"
