@@ -1,0 +1,326 @@
+"""Scale benchmark (issue 12): synthetic data, index kinds and serving at 8K, 100K and 1M items,
+measured side by side in one run (benchmarks/README.md has the results and the command).
+
+    python benchmarks/scale.py --out FILE.json [--sizes 8000,100000,1000000] [--markets 7,50]
+                               [--kinds flat,ivf,hnsw] [--serve-seconds 10] [--workers 1,2]
+
+1. generation: `write_scale` (what `xmr synthetic --items N --markets M` runs) and the loader
+   (`read_dataset`) at each size and market count, users = items / 2.
+2. indexes: per size, one market selling the whole catalogue; per kind, `build_index` (one
+   FAISS and torch thread), then the loaded index's recall@10 against exact search on 500
+   fresh query vectors and its one-query search latency at k=10 and k=200.
+3. serving: `xmr serve` (one worker, one thread, Redis) over each index: recommend p50/p99 at
+   concurrency 1 on sessions of the data (1-15 items, k=10), and the server's RSS.
+4. workers: recommend at concurrency 8 on the smallest size, 1 and 2 workers, alternated.
+
+The artifacts are written here, not trained (a full softmax over a million items is out of
+reach on this machine until training samples its softmax): a Bert4XMR of the default shape
+(d_model 64, 2 layers) with torch's random initialisation, to whose item embeddings a direction
+of a rank-64 PureSVD of the synthetic user-item matrix is added (items bought by the same users
+point the same way, as in a trained model; the init noise keeps items with the same buyers
+apart, as training does), with the norms of a trained model's rows (LEARNED_NORM,
+MARKET_NORM). Saved with the real `training.checkpoint.save_checkpoint`. Good for time, memory
+and recall; they say nothing of recommendation quality. `--trained DIR` measures the largest
+market of real `xmr train` artifacts beside them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from client import RECOMMEND, Phase, rss_kib, run_phase
+from load import machine
+from servers import redis_server, xmr_server
+from summary import percentile
+from workload import ITEMS, Request
+
+from service.errors import IndexRecallError
+from service.index import build_index, load_index, set_search_threads
+from service.index_manifest import HNSW_EF_SEARCHES, IVF_NPROBES, IndexOptions, default_nlist
+from service.recall import exact_kth_scores, recall_at_k, sample_queries
+from training.checkpoint import Manifest, load_checkpoint, save_checkpoint
+from training.data import read_dataset
+from training.model import Bert4XMR, ModelConfig
+from training.synthetic import MarketRows, ScaleSpec, generate_scale, write_scale
+from training.vocab import Vocab
+
+ROOT = Path(__file__).resolve().parents[1]
+ARTIFACTS_NOTE = ("not trained: a random-weight Bert4XMR (default shape) whose item embeddings "
+                  "add a PureSVD direction of the synthetic data to their random init, written "
+                  "by save_checkpoint")
+# Norms of a trained model's embedding rows (XMarket, default config, market ca: item rows
+# 0.26-0.42 by popularity, market rows 0.40-0.45; the random init gives items 0.16)
+LEARNED_NORM = 0.3
+MARKET_NORM = 0.43
+
+
+def item_id(n: int, n_items: int) -> str:
+    return f"I{n:0{max(5, len(str(n_items - 1)))}d}"  # as write_scale names them
+
+
+def generation(sizes: list[int], market_counts: list[int], workdir: Path) -> list[dict[str, Any]]:
+    results = []
+    for n_items in sizes:
+        for n_markets in market_counts:
+            spec = ScaleSpec(n_items=n_items, n_markets=n_markets, n_users=n_items // 2)
+            out = workdir / f"data-{n_items}-{n_markets}"
+            started = time.perf_counter()
+            written = write_scale(out, spec)
+            write_s = time.perf_counter() - started
+            started = time.perf_counter()
+            dataset = read_dataset(out)
+            read_s = time.perf_counter() - started
+            result = {"items": n_items, "markets": n_markets, "users": spec.n_users,
+                      "interactions": sum(rows for *_, rows in written),
+                      "distinct_items_read": len(dataset.item_ids),
+                      "bytes": sum(path.stat().st_size for path, *_ in written),
+                      "generate_and_write_s": round(write_s, 2), "read_s": round(read_s, 2)}
+            print(f"generation items={n_items} markets={n_markets} "
+                  f"interactions={result['interactions']} write={write_s:.1f}s "
+                  f"read={read_s:.1f}s", flush=True)
+            results.append(result)
+            shutil.rmtree(out)
+    return results
+
+
+def write_artifacts(rows: MarketRows, n_items: int, out: Path, seed: int = 0) -> Path:
+    """One market checkpoint (see the module docstring) under `out/markets/<market>`."""
+    n_users = int(rows.users.max()) + 1
+    matrix = torch.sparse_coo_tensor(torch.from_numpy(np.stack([rows.users, rows.items])),
+                                     torch.ones(len(rows.items)), (n_users, n_items),
+                                     check_invariants=False).coalesce()
+    torch.manual_seed(seed)
+    _, singular, items = torch.svd_lowrank(matrix, q=64, niter=2)  # items (N, 64)
+    direction = torch.nn.functional.normalize(items * singular, dim=1)  # (N, 64)
+    vocab = Vocab([item_id(n, n_items) for n in range(n_items)])  # row = item number + 1
+    model = Bert4XMR(ModelConfig(n_rows=vocab.n_rows, n_markets=1))  # its own random init
+    with torch.no_grad():
+        model.item_emb.weight[1:] += LEARNED_NORM * direction
+        model.market_emb.weight.normal_(0.0, MARKET_NORM / model.config.d_model ** 0.5)
+    counts = np.bincount(rows.items, minlength=n_items)
+    order = sorted(range(n_items), key=lambda n: (-counts[n], n))
+    manifest = Manifest(kind="market", model_config=model.config, markets=[rows.market],
+                        market=rows.market, train_config={"note": ARTIFACTS_NOTE})
+    save_checkpoint(out / "markets" / rows.market, model, vocab, manifest,
+                    {item_id(n, n_items): int(counts[n]) for n in order})
+    return out
+
+
+def session_requests(rows: MarketRows, n_items: int, n: int = 2000,
+                     seed: int = 0) -> list[Request]:
+    """Recommend bodies: a window of 1-15 items of a user's sequence, k=10."""
+    rng = np.random.default_rng(seed)
+    starts = np.r_[0, np.flatnonzero(np.diff(rows.users)) + 1, len(rows.users)]
+    requests = []
+    for user in rng.integers(len(starts) - 1, size=n):
+        sequence = rows.items[starts[user]:starts[user + 1]]
+        length = int(rng.integers(1, min(15, len(sequence)) + 1))
+        first = int(rng.integers(0, len(sequence) - length + 1))
+        items = [item_id(int(i), n_items) for i in sequence[first:first + length]]
+        requests.append(Request(ITEMS, rows.market, json.dumps({"items": items, "k": 10}),
+                                len(items)))
+    return requests
+
+
+def search_latency(search: Any, queries: np.ndarray, k: int) -> dict[str, float]:
+    times = []
+    for query in queries:
+        started = time.perf_counter()
+        search.search(torch.from_numpy(query[None, :]), k)
+        times.append((time.perf_counter() - started) * 1000)
+    times.sort()
+    return {f"search_k{k}_p50_ms": round(percentile(times, 50), 3),
+            f"search_k{k}_p99_ms": round(percentile(times, 99), 3)}
+
+
+def tree_rss_kib(pid: int) -> int:
+    """VmRSS of a process and all its descendants (the workers of `xmr serve --workers`)."""
+    total = 0
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            total += int(line.split()[1])
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            total += tree_rss_kib(int(child))
+    return total
+
+
+def recommend(url: str, pid: int, requests: list[Request], seconds: float,
+              concurrency: int = 1) -> dict[str, Any]:
+    asyncio.run(run_phase(Phase(RECOMMEND, concurrency, 2.0, warmup=True), requests, url, pid,
+                          10.0))
+    result = asyncio.run(run_phase(Phase(RECOMMEND, concurrency, seconds), requests, url, pid,
+                                   10.0))
+    latencies = sorted(result.latencies_ms.get(ITEMS, []))
+    return {"recommend_p50_ms": round(percentile(latencies, 50), 3),
+            "recommend_p99_ms": round(percentile(latencies, 99), 3),
+            "requests": len(latencies), "errors": sum(result.errors.values()),
+            "req_per_s": round(len(latencies) / result.wall_s, 1),
+            "server_rss_mib": round(tree_rss_kib(pid) / 1024, 1)}
+
+
+def proxy_market(n_items: int, workdir: Path) -> tuple[Path, list[Request]]:
+    """Artifacts of one market selling all `n_items` items (see the module docstring), and
+    recommend bodies cut from its users' sessions."""
+    spec = ScaleSpec(n_items=n_items, n_markets=1, n_users=n_items // 2, overlap=1.0)
+    rows = generate_scale(spec)[0]
+    started = time.perf_counter()
+    artifacts = write_artifacts(rows, n_items, workdir / f"artifacts-{n_items}")
+    print(f"artifacts items={n_items} written in {time.perf_counter() - started:.1f}s "
+          f"({ARTIFACTS_NOTE})", flush=True)
+    return artifacts / "markets" / rows.market, session_requests(rows, n_items)
+
+
+def popular_requests(market_dir: Path, n: int = 2000, seed: int = 0) -> list[Request]:
+    """Recommend bodies of 1-15 items drawn by the market's interaction counts (for trained
+    artifacts, whose sessions this script does not read)."""
+    market_items = load_checkpoint(market_dir).market_items or {}
+    ids = list(market_items)
+    weights = np.asarray(list(market_items.values()), dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    requests = []
+    for length in rng.integers(1, 16, size=n):
+        items = [ids[i] for i in rng.choice(len(ids), size=min(int(length), len(ids)),
+                                            replace=False, p=weights / weights.sum())]
+        requests.append(Request(ITEMS, market_dir.name,
+                                json.dumps({"items": items, "k": 10}), len(items)))
+    return requests
+
+
+def build_or_cap(market_dir: Path, kind: str) -> tuple[Any, str | None]:
+    """Build `kind` at the default floor; if refused, build it at the most that tuning may try
+    (the largest nprobe or efSearch) so its recall and speed there are measured too."""
+    try:
+        return build_index(market_dir, IndexOptions(kind=kind)), None
+    except IndexRecallError as e:
+        n_items = load_checkpoint(market_dir).market_items or {}
+        cap = IndexOptions(kind=kind, min_recall=0.01,
+                           nprobe=max(v for v in IVF_NPROBES
+                                      if v <= max(1, default_nlist(len(n_items)) // 4)),
+                           ef_search=max(HNSW_EF_SEARCHES))
+        return build_index(market_dir, cap), e.message
+
+
+def measure_kinds(label: str, market_dir: Path, requests: list[Request], kinds: list[str],
+                  workdir: Path, redis_url: str, serve_seconds: float) -> list[dict[str, Any]]:
+    """Per kind: build, recall and search latency of the loaded index, then serving."""
+    artifacts = market_dir.parent.parent
+    results = []
+    for kind in kinds:
+        started = time.perf_counter()
+        manifest, refused = build_or_cap(market_dir, kind)
+        build_s = time.perf_counter() - started
+        checkpoint = load_checkpoint(market_dir)
+        index = load_index(market_dir, checkpoint, "faiss", "cpu")
+        queries = sample_queries(checkpoint, index.rows, 1000, seed=1).check  # (500, D), fresh
+        found = index.search.search(torch.from_numpy(queries), 10)[1]
+        kth = exact_kth_scores(index.rows, index.vectors, queries)
+        result: dict[str, Any] = {
+            "vectors": label, "items": manifest.n_items, "kind": manifest.kind,
+            "params": manifest.params, "refused_at_floor": refused,
+            "build_index_s": manifest.build_seconds, "build_all_s": round(build_s, 2),
+            "recall_at_10_build": manifest.recall_at_10,
+            "recall_at_10": round(recall_at_k(found, queries, index.rows, index.vectors, kth), 4),
+            **search_latency(index.search, queries, 10),
+            **search_latency(index.search, queries, 200),
+            "index_mib": round((market_dir / manifest.index_file).stat().st_size / 2**20, 1),
+            "encoder_mib": round((market_dir / manifest.encoder_file).stat().st_size / 2**20, 1),
+            "weights_mib": round((market_dir / "weights.safetensors").stat().st_size / 2**20, 1),
+        }
+        del index, checkpoint
+        env = {"XMR_THREADS": "1", "XMR_MARKETS": market_dir.name}
+        with xmr_server(artifacts, redis_url, env,
+                        workdir / f"serve-{label}-{manifest.n_items}-{kind}.log") as server:
+            result["server_ready_s"] = round(server.ready_s, 1)
+            result.update(recommend(server.url, server.pid, requests, serve_seconds))
+        print(" ".join(f"{k}={v}" for k, v in result.items()), flush=True)
+        results.append(result)
+    return results
+
+
+def largest_market(artifacts: Path) -> Path:
+    markets = [p for p in (artifacts / "markets").iterdir() if (p / "manifest.json").is_file()]
+    return max(markets, key=lambda p: len(load_checkpoint(p).market_items or {}))
+
+
+def workers(artifacts: Path, requests: list[Request], counts: list[int], redis_url: str,
+            workdir: Path, seconds: float) -> list[dict[str, Any]]:
+    """Recommend at concurrency 8 with each worker count, in the order A B B A."""
+    results = []
+    for count in counts + counts[::-1]:
+        env = {"XMR_THREADS": "1", "XMR_WORKERS": str(count)}
+        with xmr_server(artifacts, redis_url, env, workdir / f"workers-{count}.log") as server:
+            result = {"workers": count, **recommend(server.url, server.pid, requests, seconds,
+                                                    concurrency=8),
+                      "main_process_rss_mib": round(rss_kib(server.pid) / 1024, 1)}
+        print(" ".join(f"{k}={v}" for k, v in result.items()), flush=True)
+        results.append(result)
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, required=True, help="Results as JSON.")
+    parser.add_argument("--sizes", default="8000,100000,1000000", help="Catalogue sizes.")
+    parser.add_argument("--markets", default="7,50", help="Market counts of the generation step.")
+    parser.add_argument("--kinds", default="flat,ivf,hnsw", help="Index kinds.")
+    parser.add_argument("--serve-seconds", type=float, default=10.0,
+                        help="Recommend seconds per index (after 2 s of warm-up).")
+    parser.add_argument("--workers", default="1,2", help="Worker counts ('' to skip).")
+    parser.add_argument("--trained", type=Path, action="append", default=[],
+                        help="Artifacts of `xmr train` (repeatable): their largest market is "
+                             "measured beside the proxies, with popularity-drawn sessions.")
+    parser.add_argument("--workdir", type=Path, default=ROOT / "out" / "bench-scale")
+    args = parser.parse_args()
+    sizes = [int(s) for s in args.sizes.split(",")]
+    torch.set_num_threads(1)
+    set_search_threads(1)
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    report: dict[str, Any] = {"command": " ".join(sys.argv), "machine": machine(),
+                              "load_average_before": os.getloadavg(),
+                              "artifacts": ARTIFACTS_NOTE, "threads": 1}
+    report["generation"] = generation(sizes, [int(m) for m in args.markets.split(",")],
+                                      args.workdir)
+    report["indexes"] = []
+    kinds = args.kinds.split(",")
+    with redis_server(args.workdir / "redis.log") as redis_url:
+        for trained in args.trained:  # a copy of its largest market: indexes are rebuilt
+            source = largest_market(trained)
+            market_dir = args.workdir / f"trained-{source.name}" / "markets" / source.name
+            shutil.rmtree(market_dir.parent.parent, ignore_errors=True)
+            shutil.copytree(source, market_dir)
+            report["indexes"].extend(measure_kinds(
+                f"trained:{source.name}", market_dir, popular_requests(market_dir), kinds,
+                args.workdir, redis_url, args.serve_seconds))
+            shutil.rmtree(market_dir.parent.parent)
+        smallest: tuple[Path, list[Request]] | None = None
+        for n_items in sizes:
+            market_dir, requests = proxy_market(n_items, args.workdir)
+            report["indexes"].extend(measure_kinds("proxy", market_dir, requests, kinds,
+                                                   args.workdir, redis_url, args.serve_seconds))
+            if smallest is None:
+                smallest = (market_dir.parent.parent, requests)
+                build_index(market_dir)  # exact, for the workers step
+            else:
+                shutil.rmtree(market_dir.parent.parent)
+        if args.workers and smallest is not None:
+            report["workers"] = workers(*smallest, [int(w) for w in args.workers.split(",")],
+                                        redis_url, args.workdir, args.serve_seconds)
+    report["load_average_after"] = os.getloadavg()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
