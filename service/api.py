@@ -110,7 +110,7 @@ def market_info(model: MarketModel) -> MarketInfo:
     return MarketInfo(market=model.market, model_version=model.model_version,
                       index_version=model.index_version, n_items=model.n_items,
                       search=model.index.search.kind, encoder=model.encoder.kind,
-                      device=str(model.device))
+                      device=str(model.device), ranking=model.ranking)
 
 
 def to_response(market: str, rec: Recommendation) -> RecommendResponse:

@@ -25,6 +25,7 @@ from service.errors import (
 )
 from service.index import MarketIndex, load_index
 from training.checkpoint import MANIFEST, Checkpoint, CheckpointError, load_checkpoint
+from training.ranker import BoundRanker, ItemVectors, RankerError, bind, load_ranker
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +40,12 @@ class MarketModel:
     popular: list[tuple[str, int]]  # (item id, interactions), most popular first
     device: torch.device
     encoder: Encoder  # the checkpoint's encoder in its serving form
+    ranker: BoundRanker | None = None  # the second stage; None: the model's own ranking
+
+    @property
+    def ranking(self) -> str:
+        """What orders the answers: "two-stage" (retrieval + fitted ranker) or "model"."""
+        return "model" if self.ranker is None else "two-stage"
 
     @property
     def model_version(self) -> str:
@@ -115,7 +122,25 @@ def load_market(artifacts: Path, market: str, search: str, device: torch.device,
     index = load_index(market_dir, checkpoint, search, device.type)
     popular = list(checkpoint.market_items.items())
     return MarketModel(market, checkpoint, index, popular, device,
-                       market_encoder(checkpoint, index, encoder, device, threads))
+                       market_encoder(checkpoint, index, encoder, device, threads),
+                       market_ranker(market_dir, checkpoint, index))
+
+
+def market_ranker(market_dir: Path, checkpoint: Checkpoint, index: MarketIndex
+                  ) -> BoundRanker | None:
+    """The market's fitted ranker joined to its index, or None (with a warning) where
+    `xmr train` wrote none: the model's inner-product ranking then serves."""
+    try:
+        ranker = load_ranker(market_dir, checkpoint.manifest.weights_sha256,
+                             checkpoint.vocab.n_rows)
+        if ranker is None:
+            logger.warning("no ranker market=%s path=%s: serving the model's own ranking; "
+                           "`xmr train` fits one", checkpoint.manifest.market, market_dir)
+            return None
+        return bind(ranker, ItemVectors(index.rows, index.vectors, index.position),
+                    checkpoint.manifest.model_config.max_len)
+    except (RankerError, ValueError) as e:
+        raise ArtifactsError(f"{market_dir}: {e}") from e
 
 
 def load_bundle(

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from training.evaluate import pad_sessions
-from training.model import Bert4XMR
+from training.model import Bert4XMR, pool
 from training.vocab import PAD
 
 LENGTH_STEP = 8  # CUDA graph shapes: session lengths padded to a multiple of this
@@ -65,9 +65,14 @@ class SessionEncoder:
         self.heads = config.n_heads
         with torch.inference_mode():
             self.items = model.item_emb.weight.detach()  # (n_rows, D)
-            self.market = model.market_emb.weight[market_row].detach()  # (D,)
+            market = model.market_emb.weight[market_row].detach()  # (D,)
+            # The input side carries the market only where the model places it there.
+            self.market = (market if config.market_placement in ("both", "input")
+                           else torch.zeros_like(market))
             self.positions = (model.position_emb.weight.detach()
                               if model.position_emb is not None else None)  # (max_len, D)
+            self.pool_logits = (model.pool_logits.detach()
+                                if model.pool_logits is not None else None)  # (max_len,)
         self.input_norm = self._norm(model.input_norm)
         self.output_norm = self._norm(model.output_norm)
         self.layers = [self._layer(layer) for layer in model.encoder.layers]
@@ -105,10 +110,10 @@ class SessionEncoder:
         d, heads = self.d, self.heads
         real = items != PAD  # (B, T)
         x = F.layer_norm(F.embedding(items, self.items) + self.market, (d,), *self.input_norm)
+        lengths = real.sum(1, keepdim=True)  # (B, 1)
+        ages = (lengths - 1 - torch.arange(t, device=items.device)).clamp(min=0)  # (B, T)
         if self.positions is not None:  # newest item at position 0, as in training
-            lengths = real.sum(1, keepdim=True)  # (B, 1)
-            back = (lengths - 1 - torch.arange(t, device=items.device)).clamp(min=0)  # (B, T)
-            x = x + self.positions[back]
+            x = x + self.positions[ages]
         mask = real[:, None, None, :]  # (B, 1, 1, T): attend to real items only
         for layer in self.layers:
             y = F.layer_norm(x, (d,), *layer.norm1, layer.eps)
@@ -119,8 +124,7 @@ class SessionEncoder:
             y = F.layer_norm(x, (d,), *layer.norm2, layer.eps)
             x = x + F.linear(F.gelu(F.linear(y, *layer.ff1)), *layer.ff2)
         x = F.layer_norm(x, (d,), *self.output_norm)
-        weights = real.unsqueeze(-1).to(x.dtype)  # (B, T, 1)
-        return (x * weights).sum(1) / weights.sum(1).clamp(min=1.0)  # (B, D)
+        return pool(x, real, ages, self.pool_logits)  # (B, D)
 
 
 def bucket_shape(batch: int, length: int, max_len: int, max_batch: int) -> tuple[int, int] | None:

@@ -46,6 +46,9 @@ OPTIONS = [
     {"position_embedding": True},
     {"output_projection": True, "n_layers": 1, "n_heads": 4},
     {"n_layers": 3, "d_model": 32, "d_ff": 64, "max_len": 8, "position_embedding": True},
+    {"pooling": "recency"},
+    {"pooling": "recency", "position_embedding": True, "market_placement": "output"},
+    {"market_placement": "input", "max_len": 8, "pooling": "recency"},
 ]
 
 

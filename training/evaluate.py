@@ -81,8 +81,8 @@ def rank_split(split: MarketSplit, scorer: Scorer, stage: str, batch_size: int =
         rows = order[start : start + batch_size]
         sessions = [histories[i] for i in rows]
         target = torch.as_tensor(targets[rows])
-        scores = scorer(sessions)  # (B, N)
         if negatives is None:  # full ranking over the market's items minus the history
+            scores = scorer(sessions)  # (B, N)
             if market_mask is None:
                 market_mask = torch.zeros(scores.shape[1], dtype=torch.bool)
                 market_mask[torch.as_tensor(split.market_items)] = True
@@ -93,7 +93,13 @@ def rank_split(split: MarketSplit, scorer: Scorer, stage: str, batch_size: int =
             ranks[rows] = rank_of_target(scores, target, candidates).numpy()
         else:
             cols = torch.cat([target[:, None], torch.as_tensor(negatives[rows])], 1)  # (B, 100)
-            picked = scores.gather(1, cols)
+            # A scorer that ranks given candidates itself (the served ranking, as a request's
+            # `candidates`) scores just these; others score every item.
+            score_candidates = getattr(scorer, "score_candidates", None)
+            if score_candidates is not None:
+                picked = score_candidates(sessions, cols.numpy())
+            else:
+                picked = scorer(sessions).gather(1, cols)
             ones = torch.ones_like(picked, dtype=torch.bool)
             ranks[rows] = rank_of_target(picked, torch.zeros_like(target), ones).numpy()
     return ranks
