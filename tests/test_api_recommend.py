@@ -17,7 +17,8 @@ def popular(artifacts: Path, market: str) -> list[str]:
     return list(ckpt.market_items)
 
 
-def test_recommend_equals_model_ranking_minus_seen(make_service_client, model_ranking_artifacts) -> None:
+def test_recommend_equals_model_ranking_minus_seen(make_service_client,
+                                                   model_ranking_artifacts) -> None:
     session = popular(model_ranking_artifacts, "aa")[2:5]
     with make_service_client(artifacts=model_ranking_artifacts) as client:
         r = client.post("/markets/aa/recommend", json={"items": session, "k": 7})
@@ -45,14 +46,16 @@ def test_recommend_without_exclusion_keeps_seen_items(make_service_client,
     assert [i["item_id"] for i in body["items"]] == [i for i, _ in expected]
 
 
-def test_unknown_items_are_reported_not_dropped(make_service_client, model_ranking_artifacts) -> None:
+def test_unknown_items_are_reported_not_dropped(make_service_client,
+                                                model_ranking_artifacts) -> None:
     session = popular(model_ranking_artifacts, "aa")[:2]
     with make_service_client(artifacts=model_ranking_artifacts) as client:
         body = client.post("/markets/aa/recommend",
                            json={"items": ["nope-1", *session, "nope-2", "nope-1"], "k": 3}).json()
     assert body["unknown_items"] == ["nope-1", "nope-2"]
     assert body["fallback"] is None
-    expected = [h for h in model_top_k(model_ranking_artifacts, "aa", session, 5) if h[0] not in session]
+    expected = [h for h in model_top_k(model_ranking_artifacts, "aa", session, 5)
+                if h[0] not in session]
     assert [i["item_id"] for i in body["items"]] == [i for i, _ in expected[:3]]
 
 
@@ -68,7 +71,8 @@ def test_no_known_item_falls_back_to_popular(make_service_client, service_artifa
     assert 'xmr_fallbacks_total{kind="popular",market="cc"} 1.0' in metrics
 
 
-def test_candidates_are_reranked_by_model_score(make_service_client, model_ranking_artifacts) -> None:
+def test_candidates_are_reranked_by_model_score(make_service_client,
+                                                model_ranking_artifacts) -> None:
     items = popular(model_ranking_artifacts, "aa")
     session, candidates = items[:2], items[5:15]
     ranking = [i for i, _ in model_top_k(model_ranking_artifacts, "aa", session, len(items))]
