@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from service.bundle import MarketModel
+from service.search import as_numpy
 
 POPULAR = "popular"
 
@@ -123,7 +124,7 @@ def recommend_many(model: MarketModel, queries: list[Query]) -> list[Recommendat
             for b, j in enumerate(searched):
                 i = encoded[j]
                 results[i] = collect_hits(model, scores[b], rows[b], resolved[i], queries[i].k)
-        user_np = users.float().cpu().numpy()  # (B, D)
+        user_np = as_numpy(users)  # (B, D)
         for j, i in enumerate(encoded):
             if resolved[i].candidates is not None:
                 results[i] = rank_candidates(model, user_np[j], resolved[i], queries[i].k)
