@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 import anyio.to_thread
 
+from service.artifacts import resolve_set
 from service.errors import (
     ArtifactsError,
     IndexLoadError,
@@ -149,7 +150,9 @@ def load_bundle(
     artifacts: Path, markets: list[str] | None, search: str, device: str,
     encoder: str = "auto", threads: int = 1,
 ) -> Bundle:
-    """Load every market (or the `markets` subset); any failure fails the whole bundle."""
+    """Load every market (or the `markets` subset) of the current artifact set, resolved once;
+    any failure fails the whole bundle."""
+    artifacts = resolve_set(artifacts)
     resolved = resolve_device(device)
     names = markets or discover_markets(artifacts)
     if not names:
