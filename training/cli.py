@@ -82,9 +82,13 @@ def train_command(
 ) -> None:
     """Pre-train on all markets, fine-tune per market, write ARTIFACTS/global and markets/<m>."""
     from training.data import read_dataset
-    from training.distributed import Distributed, device_for
-    from training.train import train_markets
 
+    try:
+        from training.distributed import Distributed, device_for
+        from training.train import train_markets
+    except ModuleNotFoundError as e:  # the serving image has no torch
+        raise fail(f"xmr train needs {e.name}: pip install 'xmr[train]' (or use the train "
+                   "image)") from e
     if split not in SPLITS:
         raise fail(f"--split must be one of {list(SPLITS)}, not {split!r}")
     try:
