@@ -54,7 +54,7 @@ def resolve_set(artifacts: Path) -> Path:
 def staged_generation(artifacts: Path) -> Iterator[Path]:
     """An empty directory to write a whole generation into; deleted when the block fails or
     leaves it unpublished, with the folders it made for it (a failed first run writes nothing)."""
-    name = f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"
+    name = f"{datetime.now(UTC):%Y%m%dT%H%M%S.%fZ}-{uuid.uuid4().hex[:8]}"  # sorts by time
     staging = artifacts / GENERATIONS / f"{STAGING_PREFIX}{name}"
     made = [p for p in (artifacts, staging.parent) if not p.exists()]
     staging.mkdir(parents=True)
