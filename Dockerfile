@@ -15,8 +15,9 @@
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
-# ---- runtime: the interpreter, a non-root user and the settings both images share.
+# ---- runtime: the interpreter, a non-root user (uid 10001) and the settings both images share.
 FROM ${PYTHON_IMAGE} AS runtime
+LABEL org.opencontainers.image.description="Cross-market recommendations (Bert4XMR)"
 RUN groupadd --system --gid 10001 xmr \
  && useradd --system --uid 10001 --gid xmr --home-dir /var/lib/xmr --shell /usr/sbin/nologin xmr \
  && mkdir -p /var/lib/xmr/artifacts /var/lib/xmr/data /var/lib/xmr/import \
@@ -36,6 +37,7 @@ HEALTHCHECK --interval=15s --timeout=3s --start-period=60s --retries=3 \
 ENTRYPOINT ["xmr"]
 # Host, port and artifacts come from the XMR_* variables above (override them, not the command).
 CMD ["serve"]
+USER 10001:10001
 
 # ---- deps: a virtual environment with the serving dependencies of pyproject.toml.
 FROM ${PYTHON_IMAGE} AS deps
@@ -63,11 +65,8 @@ RUN pip install --no-deps /wheels/*.whl \
  && python -m pip uninstall --yes pip setuptools
 
 FROM runtime AS serve
-LABEL org.opencontainers.image.title="xmr" \
-      org.opencontainers.image.description="Cross-market recommendation API (Bert4XMR: ONNX Runtime, FAISS)" \
-      io.xmr.image="serve"
+LABEL org.opencontainers.image.title="xmr" io.xmr.image="serve"
 COPY --from=serve-venv /opt/venv /opt/venv
-USER 10001:10001
 
 # ---- train: + CPU torch and onnx, for `xmr train`, `xmr index build` and `xmr-prepare`.
 FROM deps AS train-venv
@@ -89,8 +88,5 @@ COPY deploy/docker/xmr-prepare deploy/docker/xmr-reload-replicas /opt/venv/bin/
 RUN pip install --no-deps /wheels/*.whl
 
 FROM runtime AS train
-LABEL org.opencontainers.image.title="xmr-train" \
-      org.opencontainers.image.description="xmr training and index builds (Bert4XMR, CPU torch)" \
-      io.xmr.image="train"
+LABEL org.opencontainers.image.title="xmr-train" io.xmr.image="train"
 COPY --from=train-venv /opt/venv /opt/venv
-USER 10001:10001

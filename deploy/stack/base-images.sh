@@ -72,30 +72,28 @@ standin() {
 command -v docker >/dev/null || { log "error: no docker CLI"; exit 1; }
 docker info >/dev/null 2>&1 || { log "error: no Docker engine answers (deploy/stack/engine.sh start)"; exit 1; }
 
-if pull "$PYTHON_OFFICIAL"; then
-    python_image="$PYTHON_OFFICIAL"
-else
-    python_image="$PYTHON_STANDIN"
-    if ! have "$python_image"; then
-        command -v debootstrap >/dev/null || apt-get install -y -q debootstrap >/dev/null
-        log "cannot pull $PYTHON_OFFICIAL: making a stand-in"
-        standin "$python_image" python3,python3-venv,ca-certificates \
-            --change 'ENV LANG=C.UTF-8' --change 'CMD ["python3"]'
+# image OFFICIAL STANDIN PACKAGES [--change ...]: prints the image to use: the official one where
+# it is here or a registry gives it, else the stand-in (made when missing).
+image() {
+    local official="$1" name="$2" packages="$3"
+    shift 3
+    if pull "$official"; then
+        echo "$official"
+        return
     fi
-fi
+    if ! have "$name"; then
+        command -v debootstrap >/dev/null || apt-get install -y -q debootstrap >/dev/null
+        log "cannot pull $official: making a stand-in"
+        standin "$name" "$packages" "$@"
+    fi
+    echo "$name"
+}
 
-if pull "$REDIS_OFFICIAL"; then
-    redis_image="$REDIS_OFFICIAL"
-else
-    redis_image="$REDIS_STANDIN"
-    if ! have "$redis_image"; then
-        command -v debootstrap >/dev/null || apt-get install -y -q debootstrap >/dev/null
-        log "cannot pull $REDIS_OFFICIAL: making a stand-in"
-        standin "$redis_image" redis-server \
-            --change 'USER redis' --change 'WORKDIR /data' --change 'EXPOSE 6379' \
-            --change 'CMD ["redis-server", "--protected-mode", "no"]'
-    fi
-fi
+python_image="$(image "$PYTHON_OFFICIAL" "$PYTHON_STANDIN" python3,python3-venv,ca-certificates \
+    --change 'ENV LANG=C.UTF-8' --change 'CMD ["python3"]')"
+redis_image="$(image "$REDIS_OFFICIAL" "$REDIS_STANDIN" redis-server \
+    --change 'USER redis' --change 'WORKDIR /data' --change 'EXPOSE 6379' \
+    --change 'CMD ["redis-server", "--protected-mode", "no"]')"
 
 echo "PYTHON_IMAGE=$python_image"
 echo "REDIS_IMAGE=$redis_image"
