@@ -349,25 +349,28 @@ def check_non_root(stack: Stack, report: Report) -> None:
     report.passed(f"the API's {len(top)} processes run as uid 10001 (not root)")
 
 
-def cold_start(stack: Stack, client: httpx.Client, report: Report) -> None:
+def cold_start(stack: Stack, client: httpx.Client, report: Report, runs: int = 3) -> None:
     """From `docker start` of the stopped API container to /readyz 200 on the published port
-    (models, indexes and Redis ready)."""
+    (models, indexes and Redis ready); the slowest of `runs`."""
     container = stack.compose("ps", "-q", "api").stdout.strip()
-    run(["docker", "stop", container])
-    started = time.monotonic()
-    run(["docker", "start", container])
-    while True:
-        try:
-            if client.get("/readyz", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() - started > 180:
-            raise StackError("the API was not ready 180 s after `docker start`")
-        time.sleep(0.05)
-    seconds = round(time.monotonic() - started, 2)
+    seconds = []
+    for _ in range(runs):
+        run(["docker", "stop", container])
+        started = time.monotonic()
+        run(["docker", "start", container])
+        while True:
+            try:
+                if client.get("/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() - started > 180:
+                raise StackError("the API was not ready 180 s after `docker start`")
+            time.sleep(0.05)
+        seconds.append(round(time.monotonic() - started, 2))
     report.numbers["api_cold_start_to_ready_s"] = seconds
-    report.passed(f"cold start of the API container to /readyz 200: {seconds} s")
+    report.passed(f"cold start of the API container to /readyz 200: {seconds} s "
+                  f"({runs} runs)")
 
 
 def run_stack(data: Path, images: dict[str, str], report: Report) -> None:
