@@ -351,7 +351,7 @@ def check_non_root(stack: Stack, report: Report) -> None:
 
 def cold_start(stack: Stack, client: httpx.Client, report: Report, runs: int = 3) -> None:
     """From `docker start` of the stopped API container to /readyz 200 on the published port
-    (models, indexes and Redis ready); the slowest of `runs`."""
+    (models, indexes and Redis ready), `runs` times."""
     container = stack.compose("ps", "-q", "api").stdout.strip()
     seconds = []
     for _ in range(runs):
