@@ -14,6 +14,7 @@
   ONNX Runtime runs/s, B=8, T=24).
 
 Training and evaluation keep the module; `tests/test_encoder.py` holds them all equal.
+`OnnxEncoder` lives in `service.onnx_encoder`, which imports no torch.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -39,7 +39,7 @@ _CAPTURE_LOCK = threading.Lock()  # one CUDA graph capture at a time in the proc
 class Encoder(Protocol):
     kind: str
 
-    def encode(self, sessions: Sequence[Sequence[int]]) -> torch.Tensor: ...
+    def encode(self, sessions: Sequence[Sequence[int]]) -> torch.Tensor | np.ndarray: ...
 
 
 @dataclass(frozen=True)
@@ -212,32 +212,3 @@ class CudaGraphEncoder:
             static_in.copy_(host)
             graph.replay()
             return static_out[:b].clone()  # the buffer is the next replay's
-
-
-class OnnxEncoder:
-    """An exported encoder run by ONNX Runtime on the CPU with `threads` intra-op threads."""
-
-    kind = "onnx"
-    device = torch.device("cpu")
-
-    def __init__(self, path: Path, max_len: int, threads: int = 1) -> None:
-        # Imported here: a GPU host serving with the torch encoder needs no ONNX Runtime.
-        import onnxruntime
-
-        options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
-        options.log_severity_level = 3  # errors only
-        # Idle intra-op threads sleep instead of spinning (with XMR_THREADS > 1): spinning
-        # threads take cores from the event loop and Redis on a small machine.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.max_len = max_len
-        self.session = onnxruntime.InferenceSession(
-            str(path), options, providers=["CPUExecutionProvider"]
-        )
-
-    def encode(self, sessions: Sequence[Sequence[int]]) -> torch.Tensor:
-        items = pad_sessions(sessions, self.max_len).numpy()  # (B, T)
-        (user,) = self.session.run(["user"], {"items": items})  # (B, D)
-        return torch.from_numpy(np.asarray(user))

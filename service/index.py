@@ -13,16 +13,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-import torch
 from pydantic import BaseModel, ValidationError
 
 from service.errors import IndexLoadError, IndexMismatchError
-from service.export import export_onnx
-from service.search import Search, TorchSearch
-from training.checkpoint import Checkpoint, file_sha256, load_checkpoint
+from service.search import Search, TorchSearch, as_numpy
+from training.checkpoint import Checkpoint, CheckpointInfo, file_sha256, load_checkpoint
+
+if TYPE_CHECKING:  # torch only where an index is built or searched with torch
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +84,8 @@ def _faiss() -> Any:
 
 def market_vectors(checkpoint: Checkpoint) -> tuple[np.ndarray, np.ndarray]:
     """Rows of the items sold in the checkpoint's market and their vectors v_m(i): (N,), (N, D)."""
+    import torch
+
     if checkpoint.market_items is None:
         raise IndexLoadError(f"{checkpoint.path}: not a market checkpoint")
     rows = np.asarray(checkpoint.vocab.indices(checkpoint.market_items), dtype=np.int64)  # (N,)
@@ -116,6 +119,8 @@ def _write_addressed(market_dir: Path, prefix: str, suffix: str,
 def build_index(market_dir: Path) -> IndexManifest:
     """Write `index-<version>.faiss` and `encoder-<sha>.onnx`, then atomically replace
     `index.json`; the files of earlier builds go."""
+    from service.export import export_onnx
+
     checkpoint = load_checkpoint(market_dir)
     manifest = checkpoint.manifest
     rows, vectors = market_vectors(checkpoint)
@@ -196,16 +201,19 @@ class FaissSearch:
             self.kind = "faiss-gpu"
         self.index = index
 
-    def search(self, users: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
-        queries = np.ascontiguousarray(users.detach().float().cpu().numpy())  # (B, D)
+    def search(self, users: np.ndarray | torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
+        queries = as_numpy(users)  # (B, D)
         scores, rows = self.index.search(queries, k)  # (B, k) each; -1 rows where missing
         return scores, rows
 
 
-def load_index(market_dir: Path, checkpoint: Checkpoint, search: str, device: str) -> MarketIndex:
+def load_index(market_dir: Path, checkpoint: CheckpointInfo | Checkpoint, search: str,
+               device: str) -> MarketIndex:
     """Read the market's index, refusing one that does not belong to `checkpoint`."""
+    if isinstance(checkpoint, Checkpoint):
+        checkpoint = checkpoint.info
     manifest = read_index_manifest(market_dir)
-    expected = checkpoint.manifest.weights_sha256
+    expected = checkpoint.weights_sha256
     if manifest.weights_sha256 != expected:
         raise IndexMismatchError(
             f"{market_dir / INDEX_MANIFEST}: built from weights {manifest.weights_sha256[:12]}, "
@@ -216,7 +224,7 @@ def load_index(market_dir: Path, checkpoint: Checkpoint, search: str, device: st
                                  manifest.encoder_sha256)
     if search == "torch":
         # The weights are the index's (checked above): the vectors come from them, no FAISS.
-        rows, vectors = market_vectors(checkpoint)
+        rows, vectors = market_vectors(load_checkpoint(market_dir))
         return MarketIndex(manifest, rows, vectors, _positions(checkpoint, rows),
                            TorchSearch(rows, vectors, device), encoder_path)
     faiss = _faiss()
@@ -233,7 +241,7 @@ def load_index(market_dir: Path, checkpoint: Checkpoint, search: str, device: st
     vectors = flat.reconstruct_n(0, index.ntotal)  # (N, D)
     sold = checkpoint.market_items or {}
     expected_rows = set(checkpoint.vocab.indices(sold))
-    if index.d != checkpoint.manifest.model_config.d_model or set(rows.tolist()) != expected_rows:
+    if index.d != checkpoint.d_model or set(rows.tolist()) != expected_rows:
         raise IndexMismatchError(f"{path}: items or width differ from the checkpoint's market")
     backend: Search
     if device == "cpu" or gpu_faiss_available():
@@ -244,7 +252,7 @@ def load_index(market_dir: Path, checkpoint: Checkpoint, search: str, device: st
                        encoder_path)
 
 
-def _positions(checkpoint: Checkpoint, rows: np.ndarray) -> np.ndarray:
+def _positions(checkpoint: CheckpointInfo, rows: np.ndarray) -> np.ndarray:
     """(n_rows,) index position of each item row, -1 where the market does not sell it."""
     position = np.full(checkpoint.vocab.n_rows, -1, dtype=np.int64)
     position[rows] = np.arange(len(rows))

@@ -5,12 +5,16 @@ fall back to popular items. Synchronous and CPU/GPU-bound: callers run it in a t
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from service.bundle import MarketModel
+from service.search import as_numpy
 from training.ranker import rank_session
+
+if TYPE_CHECKING:
+    import torch
 
 POPULAR = "popular"
 
@@ -134,7 +138,7 @@ def recommend_many(model: MarketModel, queries: list[Query]) -> list[Recommendat
 
 
 def _rank_by_model(model: MarketModel, queries: list[Query], resolved: list[Resolved],
-                   encoded: list[int], users: torch.Tensor,
+                   encoded: list[int], users: np.ndarray | torch.Tensor,
                    results: list[list[tuple[str, float]] | None]) -> None:
     """The model's exact inner-product ranking (a market without a ranker)."""
     searched = [j for j, i in enumerate(encoded) if resolved[i].candidates is None]
@@ -146,14 +150,14 @@ def _rank_by_model(model: MarketModel, queries: list[Query], resolved: list[Reso
         for b, j in enumerate(searched):
             i = encoded[j]
             results[i] = collect_hits(model, scores[b], rows[b], resolved[i], queries[i].k)
-    user_np = users.float().cpu().numpy()  # (B, D)
+    user_np = as_numpy(users)  # (B, D)
     for j, i in enumerate(encoded):
         if resolved[i].candidates is not None:
             results[i] = rank_candidates(model, user_np[j], resolved[i], queries[i].k)
 
 
 def _rank_two_stage(model: MarketModel, queries: list[Query], resolved: list[Resolved],
-                    encoded: list[int], users: torch.Tensor,
+                    encoded: list[int], users: np.ndarray | torch.Tensor,
                     results: list[list[tuple[str, float]] | None]) -> None:
     """The served ranking: the index's top `retrieve` plus co-occurring items, re-scored by
     the market's ranker (`training.ranker.rank_session`, the harness's `served` row)."""
@@ -164,7 +168,7 @@ def _rank_two_stage(model: MarketModel, queries: list[Query], resolved: list[Res
     if searched:
         _, hits = model.index.search.search(users[searched], min(ranker.spec.retrieve,
                                                                  model.n_items))
-    user_np = users.float().cpu().numpy()  # (B, D)
+    user_np = as_numpy(users)  # (B, D)
     vocab = model.checkpoint.vocab
     b = 0
     for j, i in enumerate(encoded):

@@ -150,12 +150,13 @@ def test_served_encoders_agree_with_the_checkpoint(service_artifacts: Path) -> N
         assert model.encoder.kind == "onnx" and plain.markets[market].encoder.kind == "torch"
         sessions = [[int(r) for r in model.index.rows[i : i + n]] for i, n in
                     [(0, 1), (3, 7), (10, 60)]]
-        ckpt = model.checkpoint
+        ckpt = load_checkpoint(model.checkpoint.path)
         with torch.inference_mode():
             want = torch.stack([ckpt.model.encode(torch.tensor([s[-ckpt.model.config.max_len:]]),
                                                   torch.tensor([ckpt.market_row]))[0]
                                 for s in sessions])
-        torch.testing.assert_close(model.encoder.encode(sessions), want, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(torch.from_numpy(model.encoder.encode(sessions)), want,
+                                   rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(plain.markets[market].encoder.encode(sessions), want,
                                    rtol=1e-4, atol=1e-5)
 

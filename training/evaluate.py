@@ -10,7 +10,7 @@ import torch
 from training.metrics import rank_of_target, summarize
 from training.model import Bert4XMR
 from training.split import MarketSplit
-from training.vocab import PAD
+from training.vocab import pad_rows
 
 # Scores of every item row (B, N) for a batch of sessions (lists of item rows) in one market.
 Scorer = Callable[[list[list[int]]], torch.Tensor]
@@ -18,12 +18,7 @@ Scorer = Callable[[list[list[int]]], torch.Tensor]
 
 def pad_sessions(sessions: Sequence[Sequence[int]], max_len: int) -> torch.Tensor:
     """Right-pad sessions with PAD into (B, T), keeping each session's last `max_len` items."""
-    width = max(1, min(max_len, max((len(s) for s in sessions), default=1)))
-    out = np.full((len(sessions), width), PAD, dtype=np.int64)  # one buffer, one tensor
-    for b, session in enumerate(sessions):
-        tail = list(session)[-max_len:]
-        out[b, : len(tail)] = tail
-    return torch.from_numpy(out)
+    return torch.from_numpy(pad_rows(sessions, max_len))  # one buffer, one tensor
 
 
 def encode_sessions(
