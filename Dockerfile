@@ -1,74 +1,27 @@
-# syntax=docker/dockerfile:1.7
-# The xmr image: the `xmr` CLI (serve, train, index build) on a small runtime stage.
+# The xmr images (CPU), two targets over one base:
 #
-#   docker build -t xmr:cpu .                                   # default: CPU torch, faiss-cpu
-#   docker build -t xmr:cuda --build-arg VARIANT=cuda .         # CUDA torch + faiss-gpu-cu12
+#   docker build --target serve -t xmr:cpu .          # the API: ONNX Runtime + FAISS, no torch
+#   docker build --target train -t xmr:cpu-train .    # + CPU torch and onnx: train, index build
 #
-# VARIANT=cuda starts from an nvidia/cuda runtime image (Ubuntu's python3.11), installs torch from
-# the PyTorch CUDA index given by TORCH_CUDA_INDEX and swaps faiss-cpu for the faiss-gpu-cu12
-# wheel; it needs the NVIDIA container toolkit on the host (`--gpus all` / the compose `gpu`
-# profile). The CPU variant never downloads CUDA: torch comes from the PyTorch CPU index before
-# anything else can pull the default (CUDA) build from PyPI.
+# `serve` runs `xmr serve` (and reads artifacts); `train` runs everything: `xmr train` (alone or
+# under torchrun), `xmr index build` and the compose/Kubernetes artifacts job `xmr-prepare`.
+# Both build with the classic builder and with BuildKit; no stage here is CUDA (that is
+# deploy/docker/Dockerfile.cuda), so a CPU build never pulls a CUDA image or a CUDA torch.
+#
+# Torch for `train`: a CPU wheel put in deploy/docker/wheels/ (torch-<TORCH_VERSION>+cpu-*.whl)
+# is installed from there; otherwise torch comes from TORCH_INDEX, the PyTorch CPU index. Never
+# from PyPI's default, which is the CUDA build. PYTHON_IMAGE: any Debian-based image with
+# python3.11 and venv (deploy/stack/base-images.sh makes one where no registry answers).
 
-ARG VARIANT=cpu
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
-ARG CUDA_IMAGE=nvidia/cuda:12.8.1-runtime-ubuntu22.04
 
-# ---- interpreters: the builder and the runtime of one variant share the same python3.11 path,
-# so the virtual environment built in one runs in the other.
-FROM ${PYTHON_IMAGE} AS python-cpu
-
-FROM ${CUDA_IMAGE} AS python-cuda
-# The CUDA base image's tag pins the Ubuntu release, and so these packages' versions.
-# hadolint ignore=DL3008
-RUN apt-get update \
- && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
-      python3.11 python3.11-venv ca-certificates \
- && rm -rf /var/lib/apt/lists/*
-
-# hadolint ignore=DL3006
-FROM python-${VARIANT} AS python
-
-# ---- builder: a virtual environment in /opt/venv with torch, the dependencies and xmr.
-FROM python AS builder
-ARG VARIANT
-ARG TORCH_VERSION=2.13.0
-ARG TORCH_CUDA_INDEX=https://download.pytorch.org/whl/cu128
-ARG FAISS_GPU=faiss-gpu-cu12>=1.9
-ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    PIP_NO_CACHE_DIR=1 \
-    PATH=/opt/venv/bin:$PATH
-SHELL ["/bin/bash", "-o", "pipefail", "-c"]
-# Torch first, from the index of the variant (its own layer: the largest and the least changed).
-RUN index=https://download.pytorch.org/whl/cpu \
- && if [ "$VARIANT" = cuda ]; then index="$TORCH_CUDA_INDEX"; fi \
- && python3.11 -m venv /opt/venv \
- && pip install "torch==${TORCH_VERSION}" --index-url "$index"
-
-# The project's dependencies from pyproject.toml alone, so source edits keep this layer cached.
-WORKDIR /src
-COPY pyproject.toml deploy/docker/requirements.py ./
-RUN python requirements.py pyproject.toml "$VARIANT" "$FAISS_GPU" > /tmp/requirements.txt \
- && pip install -r /tmp/requirements.txt
-
-COPY README.md ./
-COPY training ./training
-COPY service ./service
-# Byte code stays: replicas that autoscaling starts import torch faster with it.
-RUN pip install --no-deps .
-
-# ---- runtime: the venv, the artifact scripts, a non-root user; nothing to compile with.
-FROM python AS runtime
-ARG VARIANT
-LABEL org.opencontainers.image.title="xmr" \
-      org.opencontainers.image.description="Cross-market recommendation service (Bert4XMR, FAISS)" \
-      io.xmr.variant="${VARIANT}"
+# ---- runtime: the interpreter, a non-root user (uid 10001) and the settings both images share.
+FROM ${PYTHON_IMAGE} AS runtime
+LABEL org.opencontainers.image.description="Cross-market recommendations (Bert4XMR)"
 RUN groupadd --system --gid 10001 xmr \
  && useradd --system --uid 10001 --gid xmr --home-dir /var/lib/xmr --shell /usr/sbin/nologin xmr \
  && mkdir -p /var/lib/xmr/artifacts /var/lib/xmr/data /var/lib/xmr/import \
  && chown -R xmr:xmr /var/lib/xmr
-COPY --from=builder /opt/venv /opt/venv
-COPY deploy/docker/xmr-prepare deploy/docker/xmr-reload-replicas /usr/local/bin/
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -76,7 +29,6 @@ ENV PATH=/opt/venv/bin:$PATH \
     XMR_HOST=0.0.0.0 \
     XMR_PORT=8000
 WORKDIR /var/lib/xmr
-USER 10001:10001
 EXPOSE 8000
 VOLUME ["/var/lib/xmr/artifacts"]
 # Liveness only: readiness (models, indexes, Redis) is /readyz, for orchestrators that route.
@@ -85,3 +37,56 @@ HEALTHCHECK --interval=15s --timeout=3s --start-period=60s --retries=3 \
 ENTRYPOINT ["xmr"]
 # Host, port and artifacts come from the XMR_* variables above (override them, not the command).
 CMD ["serve"]
+USER 10001:10001
+
+# ---- deps: a virtual environment with the serving dependencies of pyproject.toml.
+FROM ${PYTHON_IMAGE} AS deps
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PATH=/opt/venv/bin:$PATH
+WORKDIR /src
+COPY pyproject.toml deploy/docker/requirements.py ./
+RUN python3 -m venv /opt/venv \
+ && python requirements.py pyproject.toml serve > /tmp/requirements.txt \
+ && pip install -r /tmp/requirements.txt
+
+# ---- project: xmr as a wheel (sources change most often: last, and built once for both images).
+FROM deps AS project
+COPY README.md ./
+COPY training ./training
+COPY service ./service
+RUN pip wheel --no-deps --wheel-dir /wheels .
+
+# ---- serve: the API image. pip and setuptools leave its venv (nothing installs at run time).
+FROM deps AS serve-venv
+COPY --from=project /wheels /wheels
+COPY deploy/docker/xmr-prepare deploy/docker/xmr-reload-replicas /opt/venv/bin/
+RUN pip install --no-deps /wheels/*.whl \
+ && python -m pip uninstall --yes pip setuptools
+
+FROM runtime AS serve
+LABEL org.opencontainers.image.title="xmr" io.xmr.image="serve"
+COPY --from=serve-venv /opt/venv /opt/venv
+
+# ---- train: + CPU torch and onnx, for `xmr train`, `xmr index build` and `xmr-prepare`.
+FROM deps AS train-venv
+ARG TORCH_VERSION=2.13.0
+ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+COPY deploy/docker/wheels/ /tmp/wheels/
+# The wheel file, or TORCH_VERSION from the CPU index, is the pin.
+# hadolint ignore=DL3013
+RUN wheel="$(find /tmp/wheels -name "torch-${TORCH_VERSION}+cpu-*.whl" | head -n 1)" \
+ && if [ -n "$wheel" ]; then pip install "$wheel"; \
+    else pip install "torch==${TORCH_VERSION}" --index-url "$TORCH_INDEX" \
+           --extra-index-url https://pypi.org/simple; fi \
+ && python requirements.py pyproject.toml train > /tmp/train.txt \
+ && pip install -r /tmp/train.txt \
+ && rm -rf /tmp/wheels
+COPY --from=project /wheels /wheels
+COPY deploy/docker/xmr-prepare deploy/docker/xmr-reload-replicas /opt/venv/bin/
+RUN pip install --no-deps /wheels/*.whl
+
+FROM runtime AS train
+LABEL org.opencontainers.image.title="xmr-train" io.xmr.image="train"
+COPY --from=train-venv /opt/venv /opt/venv

@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_CPU := torch==2.13.0
 
-.PHONY: install demo test lint validate-deploy
+.PHONY: install demo test lint validate-deploy stack-test
 
 # The CPU build of torch goes in first, so the project's torch range never pulls a CUDA build.
 $(BIN)/xmr: pyproject.toml
@@ -22,13 +22,22 @@ test: install
 	$(BIN)/python -m pytest -q
 
 lint: install
-	$(BIN)/ruff check training service tests benchmarks
+	$(BIN)/ruff check training service tests benchmarks deploy
 	$(BIN)/mypy
+	$(BIN)/mypy deploy/stack/stack_test.py
 
 # Offline checks of the Dockerfile, docker-compose.yml and deploy/ (pinned validators, no engine).
 validate-deploy: install
 	$(BIN)/pip install -q -r deploy/requirements-validate.txt
 	bash deploy/validate.sh
+
+# The local stack for real (deploy/stack/stack_test.py): a Docker engine (installed and started
+# when none answers), the images, `docker compose up --wait`, the API through its port, then
+# `down -v`. Synthetic markets unless STACK_DATA=dir; STACK_BUILDERS=classic,buildkit.
+STACK_BUILDERS ?= classic
+stack-test: install
+	$(BIN)/pip install -q -r deploy/requirements-validate.txt
+	$(BIN)/python deploy/stack/stack_test.py $(if $(STACK_DATA),--data $(STACK_DATA)) --builders $(STACK_BUILDERS)
 
 # Reliability runs (benchmarks/RELIABILITY.md): schema fuzzing of a real server, Redis kill and
 # reloads under load, then a soak with hostile input. Data: DATA=dir or XMR_DATA_DIR, else

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Validate what CI cannot run (no Docker engine, no cluster), fully offline:
 #   docker-compose.yml  -> Compose v2 `config --quiet` (default and gpu profiles)
-#   Dockerfile          -> hadolint
-#   deploy/docker/*     -> shellcheck, python compile
+#   Dockerfile, deploy/docker/Dockerfile.cuda -> hadolint
+#   deploy/docker/*, deploy/stack/* -> shellcheck, python compile
 #   deploy/ (kustomize) -> `kubectl kustomize`, then kubernetes-validate --strict against the
 #                          schemas of K8S_VERSIONS, then deploy/check_manifests.py (references,
 #                          probes, resources, non-root)
@@ -69,13 +69,14 @@ rejects "compose self-test" "$COMPOSE" -f "$WORK/compose-broken.yml" config --qu
 
 # --- Dockerfile and the scripts the image ships
 check "hadolint Dockerfile" "$BIN/hadolint" --no-color Dockerfile
+check "hadolint deploy/docker/Dockerfile.cuda" "$BIN/hadolint" --no-color deploy/docker/Dockerfile.cuda
 printf 'FROM python:latest\nRUN apt-get install curl\n' >"$WORK/Dockerfile.broken"
 rejects "hadolint self-test" "$BIN/hadolint" --no-color "$WORK/Dockerfile.broken"
-check "shellcheck deploy/docker/xmr-prepare deploy/validate.sh" \
-    "$BIN/shellcheck" deploy/docker/xmr-prepare deploy/validate.sh
-check "python syntax of deploy/docker/xmr-reload-replicas, requirements.py" "$BIN/python" -c \
-    'import ast, sys; [ast.parse(open(f).read(), f) for f in sys.argv[1:]]' \
-    deploy/docker/xmr-reload-replicas deploy/docker/requirements.py
+check "shellcheck deploy/docker/xmr-prepare deploy/stack/*.sh deploy/validate.sh" \
+    "$BIN/shellcheck" deploy/docker/xmr-prepare deploy/stack/*.sh deploy/validate.sh
+check "python syntax of deploy/docker/xmr-reload-replicas, requirements.py, deploy/stack" \
+    "$BIN/python" -c 'import ast, sys; [ast.parse(open(f).read(), f) for f in sys.argv[1:]]' \
+    deploy/docker/xmr-reload-replicas deploy/docker/requirements.py deploy/stack/*.py
 
 # --- Kubernetes: render each kustomization, validate it against the schemas, check references
 for dir in "${OVERLAYS[@]}"; do

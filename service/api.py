@@ -114,7 +114,8 @@ def market_info(model: MarketModel) -> MarketInfo:
                       search=index.search.kind, index=index.manifest.kind,
                       index_params=index.manifest.params, exact=index.exact,
                       recall_at_10=None if index.exact else index.manifest.recall_at_10,
-                      encoder=model.encoder.kind, device=str(model.device))
+                      encoder=model.encoder.kind, device=str(model.device),
+                      ranking=model.ranking)
 
 
 def to_response(market: str, rec: Recommendation) -> RecommendResponse:

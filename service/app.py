@@ -15,7 +15,6 @@ from functools import partial
 from typing import Any
 
 import anyio.to_thread
-import torch
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
@@ -26,7 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from service import errors
 from service.api import reload_bundle, router
 from service.batcher import Batcher
-from service.bundle import Registry, load_bundle, settle_heap
+from service.bundle import Registry, load_bundle, settle_heap, uses_torch
 from service.index import set_search_threads
 from service.metrics import Metrics
 from service.middleware import BodySizeLimit, RequestMetrics
@@ -153,7 +152,10 @@ def create_app(settings: Settings | None = None, on_ready: Callable[[], None] | 
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        torch.set_num_threads(settings.threads)
+        if uses_torch(settings.device, settings.search, settings.encoder):
+            import torch
+
+            torch.set_num_threads(settings.threads)
         set_search_threads(settings.threads)
         load = partial(load_bundle, settings.artifacts, settings.markets, settings.search,
                        settings.device, settings.encoder, settings.threads)
@@ -166,7 +168,7 @@ def create_app(settings: Settings | None = None, on_ready: Callable[[], None] | 
             settings.redis_url, settings.redis_pool_size, settings.redis_timeout_s,
             settings.session_ttl_s, settings.session_max_items,
         )
-        on_gpu = any(m.device.type != "cpu" for m in bundle.markets.values())
+        on_gpu = any(m.device != "cpu" for m in bundle.markets.values())
         in_thread = settings.batch_in == "thread" or (settings.batch_in == "auto" and on_gpu)
         app.state.batcher = Batcher(settings.batch_max, settings.batch_wait_ms / 1000,
                                     metrics.batch_size.observe,

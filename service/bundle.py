@@ -11,11 +11,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import anyio.to_thread
-import torch
 
-from service.encoder import CudaGraphEncoder, Encoder, OnnxEncoder, SessionEncoder
+from service.artifacts import resolve_set
 from service.errors import (
     ArtifactsError,
     IndexLoadError,
@@ -24,7 +24,18 @@ from service.errors import (
     UnknownMarketError,
 )
 from service.index import MarketIndex, load_index
-from training.checkpoint import MANIFEST, Checkpoint, CheckpointError, load_checkpoint
+from service.onnx_encoder import OnnxEncoder
+from training.checkpoint import (
+    MANIFEST,
+    CheckpointError,
+    CheckpointInfo,
+    load_checkpoint,
+    read_checkpoint_info,
+)
+from training.ranker import BoundRanker, ItemVectors, RankerError, bind, load_ranker
+
+if TYPE_CHECKING:
+    from service.encoder import Encoder
 
 logger = logging.getLogger(__name__)
 
@@ -34,15 +45,21 @@ class MarketModel:
     """A market's fine-tuned checkpoint with the index built from it."""
 
     market: str
-    checkpoint: Checkpoint
+    checkpoint: CheckpointInfo  # the model itself only inside a torch encoder
     index: MarketIndex
     popular: list[tuple[str, int]]  # (item id, interactions), most popular first
-    device: torch.device
+    device: str  # "cpu", "cuda" or "cuda:N"
     encoder: Encoder  # the checkpoint's encoder in its serving form
+    ranker: BoundRanker | None = None  # the second stage; None: the model's own ranking
+
+    @property
+    def ranking(self) -> str:
+        """What orders the answers: "two-stage" (retrieval + fitted ranker) or "model"."""
+        return "model" if self.ranker is None else "two-stage"
 
     @property
     def model_version(self) -> str:
-        return self.checkpoint.manifest.version
+        return self.checkpoint.version
 
     @property
     def index_version(self) -> str:
@@ -65,12 +82,27 @@ class Bundle:
             raise UnknownMarketError(market, sorted(self.markets)) from None
 
 
-def resolve_device(device: str) -> torch.device:
+def resolve_device(device: str) -> str:
+    """"cpu", "cuda" or "cuda:N"; only a CUDA (or "auto") request imports torch."""
+    if device == "cpu":
+        return device
+    try:
+        import torch
+    except ImportError:
+        if device == "auto":
+            return "cpu"
+        raise ArtifactsError(f"device {device!r} needs torch, which is not installed") from None
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ArtifactsError(f"device {device!r} requested but torch sees no CUDA device")
-    return torch.device(device)
+    return str(torch.device(device))
+
+
+def uses_torch(device: str, search: str, encoder: str) -> bool:
+    """Whether serving so runs torch: on a GPU, with torch search or a torch encoder. The CPU
+    default (ONNX Runtime + FAISS) never imports it."""
+    return device != "cpu" or search == "torch" or encoder in ("torch", "cuda-graphs")
 
 
 def discover_markets(artifacts: Path) -> list[str]:
@@ -81,48 +113,70 @@ def discover_markets(artifacts: Path) -> list[str]:
     return sorted(p.name for p in root.iterdir() if (p / MANIFEST).is_file())
 
 
-def market_encoder(checkpoint: Checkpoint, index: MarketIndex, kind: str, device: torch.device,
+def market_encoder(checkpoint: CheckpointInfo, index: MarketIndex, kind: str, device: str,
                    threads: int) -> Encoder:
     """The encoder that serves: "auto" is ONNX Runtime on the CPU, CUDA graphs on a GPU;
-    "torch" is the eager torch encoder on either."""
+    "torch" is the eager torch encoder on either (these two load the model, with torch)."""
     if kind == "auto":
-        kind = "onnx" if device.type == "cpu" else "cuda-graphs"
-    if kind == "torch":
-        return SessionEncoder(checkpoint.model, checkpoint.market_row)
-    if kind == "cuda-graphs":
-        if device.type != "cuda":
+        kind = "onnx" if device == "cpu" else "cuda-graphs"
+    if kind in ("torch", "cuda-graphs"):
+        from service.encoder import CudaGraphEncoder, SessionEncoder
+
+        if kind == "cuda-graphs" and not device.startswith("cuda"):
             raise ArtifactsError(f"encoder 'cuda-graphs' needs a CUDA device, not {device}; "
                                  "use encoder 'onnx', 'torch' or 'auto' on the CPU")
-        graphed = CudaGraphEncoder(SessionEncoder(checkpoint.model, checkpoint.market_row))
+        model = load_checkpoint(checkpoint.path, map_location=device).model
+        if kind == "torch":
+            return SessionEncoder(model, checkpoint.market_row)
+        graphed = CudaGraphEncoder(SessionEncoder(model, checkpoint.market_row))
         graphed.capture_all()
         return graphed
-    if device.type != "cpu":
+    if device != "cpu":
         raise ArtifactsError(f"encoder 'onnx' runs on the CPU only, not on {device}; "
                              "use encoder 'torch' or 'auto' with a GPU")
     try:
-        return OnnxEncoder(index.encoder_path, checkpoint.manifest.model_config.max_len, threads)
+        return OnnxEncoder(index.encoder_path, checkpoint.max_len, threads)
     except Exception as e:  # ONNX Runtime's own error types (bad graph, bad file)
         raise IndexLoadError(f"{index.encoder_path}: ONNX Runtime cannot load it ({e}); "
                              "rebuild with `xmr index build`") from e
 
 
-def load_market(artifacts: Path, market: str, search: str, device: torch.device,
+def load_market(artifacts: Path, market: str, search: str, device: str,
                 encoder: str = "auto", threads: int = 1) -> MarketModel:
     market_dir = artifacts / "markets" / market
-    checkpoint = load_checkpoint(market_dir, map_location=device)
-    if checkpoint.manifest.market != market or checkpoint.market_items is None:
+    checkpoint = read_checkpoint_info(market_dir)
+    if checkpoint.market != market or checkpoint.market_items is None:
         raise ArtifactsError(f"{market_dir}: not the market checkpoint of {market!r}")
-    index = load_index(market_dir, checkpoint, search, device.type)
+    index = load_index(market_dir, checkpoint, search, device.split(":")[0])
     popular = list(checkpoint.market_items.items())
     return MarketModel(market, checkpoint, index, popular, device,
-                       market_encoder(checkpoint, index, encoder, device, threads))
+                       market_encoder(checkpoint, index, encoder, device, threads),
+                       market_ranker(market_dir, checkpoint, index))
+
+
+def market_ranker(market_dir: Path, checkpoint: CheckpointInfo, index: MarketIndex
+                  ) -> BoundRanker | None:
+    """The market's fitted ranker joined to its index, or None (with a warning) where
+    `xmr train` wrote none: the model's inner-product ranking then serves."""
+    try:
+        ranker = load_ranker(market_dir, checkpoint.weights_sha256, checkpoint.vocab.n_rows)
+        if ranker is None:
+            logger.warning("no ranker market=%s path=%s: serving the model's own ranking; "
+                           "`xmr train` fits one", checkpoint.market, market_dir)
+            return None
+        return bind(ranker, ItemVectors(index.rows, index.vectors, index.position),
+                    checkpoint.max_len)
+    except (RankerError, ValueError) as e:
+        raise ArtifactsError(f"{market_dir}: {e}") from e
 
 
 def load_bundle(
     artifacts: Path, markets: list[str] | None, search: str, device: str,
     encoder: str = "auto", threads: int = 1,
 ) -> Bundle:
-    """Load every market (or the `markets` subset); any failure fails the whole bundle."""
+    """Load every market (or the `markets` subset) of the current artifact set, resolved once;
+    any failure fails the whole bundle."""
+    artifacts = resolve_set(artifacts)
     resolved = resolve_device(device)
     names = markets or discover_markets(artifacts)
     if not names:

@@ -1,11 +1,14 @@
-"""The `xmr` console script: training commands plus the service's index, serve and demo."""
+"""The `xmr` console script: training commands plus the service's index, serve and demo.
+`xmr train` here publishes what it trains together with the indexes (`service.artifacts`)."""
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -13,6 +16,7 @@ import typer
 
 from service.index_manifest import EXACT_MAX_ITEMS
 from training.cli import app as training_app
+from training.cli import train_command
 
 app = typer.Typer(
     no_args_is_help=True, add_completion=False,
@@ -37,13 +41,44 @@ def main(
     logging.basicConfig(level=log_level.upper(), format=LOG_FORMAT)
 
 
-for command in training_app.registered_commands:
-    app.registered_commands.append(command)
-
-
 def _fail(message: str) -> typer.Exit:
     typer.echo(f"error: {message}", err=True)
     return typer.Exit(code=1)
+
+
+def published(train: Callable[..., None]) -> Callable[..., None]:
+    """`xmr train` (same options) that writes a new generation of ARTIFACTS, builds every
+    market's index in it and only then publishes it: a reload sees the old set or the new one."""
+
+    @functools.wraps(train)
+    def command(*args: Any, out: Path, **kwargs: Any) -> None:
+        from service.artifacts import CURRENT, index_generation, publish, staged_generation
+        from service.errors import ServiceError
+        from training.checkpoint import CheckpointError
+
+        if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 writes
+            train(*args, out=out, **kwargs)
+            return
+        try:
+            with staged_generation(out) as staging:
+                train(*args, out=staging, **kwargs)
+                markets = index_generation(staging)
+                generation = publish(out, staging)
+        except (ServiceError, CheckpointError) as e:
+            raise _fail(f"nothing published: {getattr(e, 'message', str(e))}") from e
+        typer.echo(f"published {generation} ({len(markets)} markets, indexes built) as "
+                   f"{out / CURRENT}")
+
+    command.__doc__ = ("Pre-train on all markets, fine-tune per market, build every market's "
+                       "index, and publish them together as ARTIFACTS/current.")
+    return command
+
+
+for command in training_app.registered_commands:
+    if command.callback is train_command:
+        app.command("train")(published(train_command))
+    else:
+        app.registered_commands.append(command)
 
 
 @index_app.command("build")
@@ -52,7 +87,8 @@ def index_build_command(
     market: Annotated[list[str] | None, typer.Option(
         "--market", help="Market to build (repeatable; default: every market).")] = None,
     index: Annotated[str, typer.Option(
-        "--index", help="auto (exact flat up to --exact-max-items items, ivf above), flat "
+        "--index", help="auto (exact flat up to --exact-max-items items, ivf above, hnsw where "
+        "ivf falls short of the floor), flat "
         "(exact), ivf or hnsw (approximate, tuned to --min-recall).")] = "auto",
     min_recall: Annotated[float, typer.Option(
         "--min-recall", help="Recall@10 against exact search an approximate index must reach; "
@@ -115,6 +151,28 @@ def index_build_command(
     if refused:
         raise _fail(f"recall below {min_recall} for {', '.join(refused)}: their indexes were "
                     "not replaced")
+
+
+@app.command("import")
+def import_command(
+    checkpoints: Annotated[Path, typer.Option(
+        "--checkpoints", help="Checkpoints to import: global/ and markets/<m>/ (another run's "
+        "artifacts).")],
+    artifacts: Annotated[Path, typer.Option("--artifacts", help="Artifacts directory.")],
+) -> None:
+    """Copy checkpoints into a new generation, build its indexes and publish it."""
+    from service.artifacts import copy_checkpoints, index_generation, publish, staged_generation
+    from service.errors import ServiceError
+    from training.checkpoint import CheckpointError
+
+    try:
+        with staged_generation(artifacts) as staging:
+            copy_checkpoints(checkpoints, staging)
+            markets = index_generation(staging)
+            generation = publish(artifacts, staging)
+    except (ServiceError, CheckpointError, OSError) as e:
+        raise _fail(f"nothing published: {getattr(e, 'message', str(e))}") from e
+    typer.echo(f"published {generation} ({len(markets)} markets) from {checkpoints}")
 
 
 @app.command("serve")

@@ -14,6 +14,7 @@
   ONNX Runtime runs/s, B=8, T=24).
 
 Training and evaluation keep the module; `tests/test_encoder.py` holds them all equal.
+`OnnxEncoder` lives in `service.onnx_encoder`, which imports no torch.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from training.evaluate import pad_sessions
-from training.model import Bert4XMR
+from training.model import Bert4XMR, pool
 from training.vocab import PAD
 
 LENGTH_STEP = 8  # CUDA graph shapes: session lengths padded to a multiple of this
@@ -39,7 +39,7 @@ _CAPTURE_LOCK = threading.Lock()  # one CUDA graph capture at a time in the proc
 class Encoder(Protocol):
     kind: str
 
-    def encode(self, sessions: Sequence[Sequence[int]]) -> torch.Tensor: ...
+    def encode(self, sessions: Sequence[Sequence[int]]) -> torch.Tensor | np.ndarray: ...
 
 
 @dataclass(frozen=True)
@@ -65,9 +65,14 @@ class SessionEncoder:
         self.heads = config.n_heads
         with torch.inference_mode():
             self.items = model.item_emb.weight.detach()  # (n_rows, D)
-            self.market = model.market_emb.weight[market_row].detach()  # (D,)
+            market = model.market_emb.weight[market_row].detach()  # (D,)
+            # The input side carries the market only where the model places it there.
+            self.market = (market if config.market_placement in ("both", "input")
+                           else torch.zeros_like(market))
             self.positions = (model.position_emb.weight.detach()
                               if model.position_emb is not None else None)  # (max_len, D)
+            self.pool_logits = (model.pool_logits.detach()
+                                if model.pool_logits is not None else None)  # (max_len,)
         self.input_norm = self._norm(model.input_norm)
         self.output_norm = self._norm(model.output_norm)
         self.layers = [self._layer(layer) for layer in model.encoder.layers]
@@ -105,10 +110,10 @@ class SessionEncoder:
         d, heads = self.d, self.heads
         real = items != PAD  # (B, T)
         x = F.layer_norm(F.embedding(items, self.items) + self.market, (d,), *self.input_norm)
+        lengths = real.sum(1, keepdim=True)  # (B, 1)
+        ages = (lengths - 1 - torch.arange(t, device=items.device)).clamp(min=0)  # (B, T)
         if self.positions is not None:  # newest item at position 0, as in training
-            lengths = real.sum(1, keepdim=True)  # (B, 1)
-            back = (lengths - 1 - torch.arange(t, device=items.device)).clamp(min=0)  # (B, T)
-            x = x + self.positions[back]
+            x = x + self.positions[ages]
         mask = real[:, None, None, :]  # (B, 1, 1, T): attend to real items only
         for layer in self.layers:
             y = F.layer_norm(x, (d,), *layer.norm1, layer.eps)
@@ -119,8 +124,7 @@ class SessionEncoder:
             y = F.layer_norm(x, (d,), *layer.norm2, layer.eps)
             x = x + F.linear(F.gelu(F.linear(y, *layer.ff1)), *layer.ff2)
         x = F.layer_norm(x, (d,), *self.output_norm)
-        weights = real.unsqueeze(-1).to(x.dtype)  # (B, T, 1)
-        return (x * weights).sum(1) / weights.sum(1).clamp(min=1.0)  # (B, D)
+        return pool(x, real, ages, self.pool_logits)  # (B, D)
 
 
 def bucket_shape(batch: int, length: int, max_len: int, max_batch: int) -> tuple[int, int] | None:
@@ -208,32 +212,3 @@ class CudaGraphEncoder:
             static_in.copy_(host)
             graph.replay()
             return static_out[:b].clone()  # the buffer is the next replay's
-
-
-class OnnxEncoder:
-    """An exported encoder run by ONNX Runtime on the CPU with `threads` intra-op threads."""
-
-    kind = "onnx"
-    device = torch.device("cpu")
-
-    def __init__(self, path: Path, max_len: int, threads: int = 1) -> None:
-        # Imported here: a GPU host serving with the torch encoder needs no ONNX Runtime.
-        import onnxruntime
-
-        options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
-        options.log_severity_level = 3  # errors only
-        # Idle intra-op threads sleep instead of spinning (with XMR_THREADS > 1): spinning
-        # threads take cores from the event loop and Redis on a small machine.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.max_len = max_len
-        self.session = onnxruntime.InferenceSession(
-            str(path), options, providers=["CPUExecutionProvider"]
-        )
-
-    def encode(self, sessions: Sequence[Sequence[int]]) -> torch.Tensor:
-        items = pad_sessions(sessions, self.max_len).numpy()  # (B, T)
-        (user,) = self.session.run(["user"], {"items": items})  # (B, D)
-        return torch.from_numpy(np.asarray(user))

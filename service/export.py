@@ -56,7 +56,8 @@ def onnx_model(model: Bert4XMR, market_row: int) -> onnx.ModelProto:
     - Input: LayerNorm(item + market) depends on the item alone, so it is one table lookup of
       the rows computed here, exactly as the module computes them.
     - Layers: pre-norm, `x += Attention(LN1(x)) W_o + b_o; x += W_2 GELU(W_1 LN2(x) + b_1) + b_2`.
-    - Output: the mean of LN_out(x) over the real positions.
+    - Output: the mean of LN_out(x) over the real positions, weighted by the softmax of the
+      learned logit of each position's age with the recency pooling.
     `tests/test_encoder.py` holds it equal to the module for every model option."""
     encoder = SessionEncoder(model, market_row)
     d = encoder.d
@@ -68,7 +69,9 @@ def onnx_model(model: Bert4XMR, market_row: int) -> onnx.ModelProto:
     axis1 = g.const("axis1", np.array([1], np.int64))
     lengths = g.op("ReduceSum", [g.op("Cast", [real], "real_i32", to=TensorProto.INT32), axis1],
                    "lengths", keepdims=0)  # (B,) int32: the Attention mask (right padding)
-    if encoder.positions is not None:  # newest item at position 0: row lengths - 1 - t
+    back = ""
+    if encoder.positions is not None or encoder.pool_logits is not None:
+        # Age of each position, newest item at 0: row lengths - 1 - t, at least 0.
         width = g.op("Gather", [g.op("Shape", ["items"], "shape"),
                                 g.const("one_i64", np.array(1, np.int64))], "width", axis=0)
         steps = g.op("Range", [g.const("zero_i64", np.array(0, np.int64)), width,
@@ -77,6 +80,7 @@ def onnx_model(model: Bert4XMR, market_row: int) -> onnx.ModelProto:
                                    "lengths_i64", to=TensorProto.INT64),
                               g.const("one_col", np.array([[1]], np.int64))], "newest")  # (B, 1)
         back = g.op("Max", [g.op("Sub", [newest, steps], "back_raw"), "zero_i64"], "back")
+    if encoder.positions is not None:
         x = g.op("Add", [x, g.op("Gather", [g.const("positions", encoder.positions), back],
                                  "x_pos", axis=0)], "x_with_pos")
     norms = [layer.norm1 + (layer.eps,) for layer in encoder.layers[1:]]
@@ -105,11 +109,20 @@ def onnx_model(model: Bert4XMR, market_row: int) -> onnx.ModelProto:
                                         g.const(f"ln_next_b_{i}", bias)], f"y_{i + 1}",
                  axis=-1, epsilon=eps)  # the next layer's LN1, after the last the output LN
     weights = g.op("Cast", [real], "real_f32", to=TensorProto.FLOAT)  # (B, T)
+    floor = np.array(1.0, np.float32)
+    if encoder.pool_logits is not None:  # softmax of the learned logit of each age, real only
+        logits = g.op("Gather", [g.const("pool_logits", encoder.pool_logits), back], "age_logits",
+                      axis=0)  # (B, T)
+        masked_logits = g.op("Where", [real, logits, g.const("neg", np.array(-1e9, np.float32))],
+                             "masked_logits")
+        weights = g.op("Mul", [g.op("Softmax", [masked_logits], "softmax", axis=1), weights],
+                       "pool_weights")
+        floor = np.array(1e-6, np.float32)
     masked = g.op("Mul", [y, g.op("Unsqueeze", [weights, g.const("axis2", np.array([2],
                                                                                np.int64))],
                                   "weights")], "masked")  # (B, T, D)
     count = g.op("Max", [g.op("ReduceSum", [weights, axis1], "count_raw", keepdims=1),
-                         g.const("one_f32", np.array(1.0, np.float32))], "count")  # (B, 1)
+                         g.const("floor_f32", floor)], "count")  # (B, 1)
     g.op("Div", [g.op("ReduceSum", [masked, axis1], "total", keepdims=0), count], "user")
     graph = helper.make_graph(
         g.nodes, "xmr_session_encoder",

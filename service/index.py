@@ -17,14 +17,11 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
-from service import recall
 from service.errors import IndexLoadError, IndexMismatchError, IndexRecallError
-from service.export import export_onnx
 from service.index_manifest import (
     HNSW_EF_SEARCHES,
     INDEX_MANIFEST,
@@ -39,8 +36,13 @@ from service.index_manifest import (
     write_addressed,
     write_index_manifest,
 )
-from service.search import MarketIndex, Search, TorchSearch
-from training.checkpoint import Checkpoint, load_checkpoint
+from service.search import MarketIndex, Search, TorchSearch, as_numpy
+from training.checkpoint import Checkpoint, CheckpointInfo, load_checkpoint
+
+if TYPE_CHECKING:  # torch only where an index is built or searched with torch
+    import torch
+
+    from service.recall import Tuned
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +62,8 @@ def _faiss() -> Any:
 
 def market_vectors(checkpoint: Checkpoint) -> tuple[np.ndarray, np.ndarray]:
     """Rows of the items sold in the checkpoint's market and their vectors v_m(i): (N,), (N, D)."""
+    import torch
+
     if checkpoint.market_items is None:
         raise IndexLoadError(f"{checkpoint.path}: not a market checkpoint")
     rows = np.asarray(checkpoint.vocab.indices(checkpoint.market_items), dtype=np.int64)  # (N,)
@@ -74,6 +78,8 @@ def build_index(market_dir: Path, options: IndexOptions | None = None) -> IndexM
     `index.json`; the files of earlier builds go. An approximate index below the recall floor
     raises `IndexRecallError` before anything is written: the current index keeps serving
     (`auto` tries HNSW where IVF falls short, and raises if HNSW does too)."""
+    from service.export import export_onnx
+
     options = options or IndexOptions()
     checkpoint = load_checkpoint(market_dir)
     manifest = checkpoint.manifest
@@ -117,10 +123,11 @@ def build_index(market_dir: Path, options: IndexOptions | None = None) -> IndexM
 
 
 def _build_faiss(checkpoint: Checkpoint, rows: np.ndarray, vectors: np.ndarray,
-                 options: IndexOptions) -> tuple[Any, IndexKind, dict[str, int],
-                                                 recall.Tuned | None]:
+                 options: IndexOptions) -> tuple[Any, IndexKind, dict[str, int], Tuned | None]:
     """The market's FAISS index (an IndexIDMap, ids = item rows) in memory, its kind and
     parameters; an approximate one tuned and checked for recall (`Tuned`)."""
+    from service import recall  # here: it needs torch, which serving does without
+
     faiss = _faiss()
     n, d = vectors.shape
     kind = options.resolve(n)
@@ -203,16 +210,19 @@ class FaissSearch:
             self.kind = "faiss-gpu"
         self.index = index
 
-    def search(self, users: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
-        queries = np.ascontiguousarray(users.detach().float().cpu().numpy())  # (B, D)
+    def search(self, users: np.ndarray | torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
+        queries = as_numpy(users)  # (B, D)
         scores, rows = self.index.search(queries, k)  # (B, k) each; -1 rows where missing
         return scores, rows
 
 
-def load_index(market_dir: Path, checkpoint: Checkpoint, search: str, device: str) -> MarketIndex:
+def load_index(market_dir: Path, checkpoint: CheckpointInfo | Checkpoint, search: str,
+               device: str) -> MarketIndex:
     """Read the market's index, refusing one that does not belong to `checkpoint`."""
+    if isinstance(checkpoint, Checkpoint):
+        checkpoint = checkpoint.info
     manifest = read_index_manifest(market_dir)
-    expected = checkpoint.manifest.weights_sha256
+    expected = checkpoint.weights_sha256
     if manifest.weights_sha256 != expected:
         raise IndexMismatchError(
             f"{market_dir / INDEX_MANIFEST}: built from weights {manifest.weights_sha256[:12]}, "
@@ -220,10 +230,10 @@ def load_index(market_dir: Path, checkpoint: Checkpoint, search: str, device: st
         )
     path = checked_file(market_dir, "index_file", manifest.index_file, manifest.sha256)
     encoder_path = checked_file(market_dir, "encoder_file", manifest.encoder_file,
-                                 manifest.encoder_sha256)
+                                manifest.encoder_sha256)
     if search == "torch":
         # The weights are the index's (checked above): the vectors come from them, no FAISS.
-        rows, vectors = market_vectors(checkpoint)
+        rows, vectors = market_vectors(load_checkpoint(market_dir))
         return MarketIndex.of(manifest, rows, vectors, checkpoint.vocab.n_rows,
                               TorchSearch(rows, vectors, device), encoder_path)
     faiss = _faiss()
@@ -238,8 +248,7 @@ def load_index(market_dir: Path, checkpoint: Checkpoint, search: str, device: st
     vectors = inner.reconstruct_n(0, index.ntotal)  # (N, D)
     sold = checkpoint.market_items or {}
     expected_rows = np.sort(np.asarray(checkpoint.vocab.indices(sold), dtype=np.int64))
-    if index.d != checkpoint.manifest.model_config.d_model or not np.array_equal(
-            np.sort(rows), expected_rows):
+    if index.d != checkpoint.d_model or not np.array_equal(np.sort(rows), expected_rows):
         raise IndexMismatchError(f"{path}: items or width differ from the checkpoint's market")
     backend: Search
     if device == "cpu":

@@ -5,10 +5,16 @@ fall back to popular items. Synchronous and CPU/GPU-bound: callers run it in a t
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from service.bundle import MarketModel
+from service.search import as_numpy
+from training.ranker import rank_session
+
+if TYPE_CHECKING:
+    import torch
 
 POPULAR = "popular"
 
@@ -108,25 +114,17 @@ def collect_hits(
 
 
 def recommend_many(model: MarketModel, queries: list[Query]) -> list[Recommendation]:
-    """Answer several queries of one market with one encoder call and one index search."""
+    """Answer several queries of one market with one encoder call and one index search, then
+    the market's ranker (where it has one) over each query's candidates."""
     resolved = [resolve(model, q) for q in queries]
     results: list[list[tuple[str, float]] | None] = [None] * len(queries)
     encoded = [i for i, r in enumerate(resolved) if r.rows]
     if encoded:
         users = model.encoder.encode([resolved[i].rows for i in encoded])  # (B, D)
-        searched = [j for j, i in enumerate(encoded) if resolved[i].candidates is None]
-        if searched:
-            # Excluded rows can only take that many places, so k + |excluded| hits suffice.
-            depth = max(queries[encoded[j]].k + len(resolved[encoded[j]].excluded)
-                        for j in searched)
-            scores, rows = model.index.search.search(users[searched], min(depth, model.n_items))
-            for b, j in enumerate(searched):
-                i = encoded[j]
-                results[i] = collect_hits(model, scores[b], rows[b], resolved[i], queries[i].k)
-        user_np = users.float().cpu().numpy()  # (B, D)
-        for j, i in enumerate(encoded):
-            if resolved[i].candidates is not None:
-                results[i] = rank_candidates(model, user_np[j], resolved[i], queries[i].k)
+        if model.ranker is not None:
+            _rank_two_stage(model, queries, resolved, encoded, users, results)
+        else:
+            _rank_by_model(model, queries, resolved, encoded, users, results)
     return [
         Recommendation(
             items=hits if hits is not None else popular_items(model, r, q.k),
@@ -137,3 +135,50 @@ def recommend_many(model: MarketModel, queries: list[Query]) -> list[Recommendat
         )
         for q, r, hits in zip(queries, resolved, results, strict=True)
     ]
+
+
+def _rank_by_model(model: MarketModel, queries: list[Query], resolved: list[Resolved],
+                   encoded: list[int], users: np.ndarray | torch.Tensor,
+                   results: list[list[tuple[str, float]] | None]) -> None:
+    """The model's exact inner-product ranking (a market without a ranker)."""
+    searched = [j for j, i in enumerate(encoded) if resolved[i].candidates is None]
+    if searched:
+        # Excluded rows can only take that many places, so k + |excluded| hits suffice.
+        depth = max(queries[encoded[j]].k + len(resolved[encoded[j]].excluded)
+                    for j in searched)
+        scores, rows = model.index.search.search(users[searched], min(depth, model.n_items))
+        for b, j in enumerate(searched):
+            i = encoded[j]
+            results[i] = collect_hits(model, scores[b], rows[b], resolved[i], queries[i].k)
+    user_np = as_numpy(users)  # (B, D)
+    for j, i in enumerate(encoded):
+        if resolved[i].candidates is not None:
+            results[i] = rank_candidates(model, user_np[j], resolved[i], queries[i].k)
+
+
+def _rank_two_stage(model: MarketModel, queries: list[Query], resolved: list[Resolved],
+                    encoded: list[int], users: np.ndarray | torch.Tensor,
+                    results: list[list[tuple[str, float]] | None]) -> None:
+    """The served ranking: the index's top `retrieve` plus co-occurring items, re-scored by
+    the market's ranker (`training.ranker.rank_session`, the harness's `served` row)."""
+    ranker = model.ranker
+    assert ranker is not None
+    searched = [j for j, i in enumerate(encoded) if resolved[i].candidates is None]
+    hits = None
+    if searched:
+        _, hits = model.index.search.search(users[searched], min(ranker.spec.retrieve,
+                                                                 model.n_items))
+    user_np = as_numpy(users)  # (B, D)
+    vocab = model.checkpoint.vocab
+    b = 0
+    for j, i in enumerate(encoded):
+        query, found = queries[i], resolved[i]
+        if found.candidates is None:
+            assert hits is not None
+            ranked = rank_session(ranker, found.rows, user_np[j], hits[b], None,
+                                  found.excluded, query.k)
+            b += 1
+        else:
+            ranked = rank_session(ranker, found.rows, user_np[j], None, found.candidates,
+                                  found.excluded, query.k)
+        results[i] = [(vocab.item_id(row), score) for row, score in ranked]

@@ -79,6 +79,9 @@ class MarketInfo(BaseModel):
     encoder: str = Field(
         description="Session encoder: onnx (ONNX Runtime), torch (eager) or cuda-graphs.")
     device: str
+    ranking: str = Field(
+        description="two-stage (the index's candidates re-scored by the fitted ranker) or "
+                    "model (the model's inner-product ranking: no ranker was fitted).")
 
 
 class MarketsResponse(BaseModel):

@@ -33,6 +33,18 @@ def service_artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_artifacts(tmp_path_factory.mktemp("service"), config, spec)
 
 
+@pytest.fixture(scope="session")
+def model_ranking_artifacts(service_artifacts: Path,
+                            tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The service artifacts without their fitted rankers: every market serves the model's
+    own inner-product ranking (read-only)."""
+    target = tmp_path_factory.mktemp("model-ranking") / "artifacts"
+    shutil.copytree(service_artifacts, target)
+    for path in [*target.glob("markets/*/ranker.json"), *target.glob("markets/*/neighbours-*")]:
+        path.unlink()
+    return target
+
+
 @pytest.fixture
 def artifacts_copy(service_artifacts: Path, tmp_path: Path) -> Path:
     """A private copy of the service artifacts for tests that change them."""

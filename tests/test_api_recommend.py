@@ -17,18 +17,19 @@ def popular(artifacts: Path, market: str) -> list[str]:
     return list(ckpt.market_items)
 
 
-def test_recommend_equals_model_ranking_minus_seen(make_service_client, service_artifacts) -> None:
-    session = popular(service_artifacts, "aa")[2:5]
-    with make_service_client() as client:
+def test_recommend_equals_model_ranking_minus_seen(make_service_client,
+                                                   model_ranking_artifacts) -> None:
+    session = popular(model_ranking_artifacts, "aa")[2:5]
+    with make_service_client(artifacts=model_ranking_artifacts) as client:
         r = client.post("/markets/aa/recommend", json={"items": session, "k": 7})
     assert r.status_code == 200
     body = r.json()
-    expected = [hit for hit in model_top_k(service_artifacts, "aa", session, 10)
+    expected = [hit for hit in model_top_k(model_ranking_artifacts, "aa", session, 10)
                 if hit[0] not in session][:7]
     assert [i["item_id"] for i in body["items"]] == [i for i, _ in expected]
     np.testing.assert_allclose([i["score"] for i in body["items"]], [s for _, s in expected],
                                rtol=1e-5)
-    ckpt = load_checkpoint(service_artifacts / "markets" / "aa")
+    ckpt = load_checkpoint(model_ranking_artifacts / "markets" / "aa")
     assert body["market"] == "aa"
     assert body["fallback"] is None and body["unknown_items"] == []
     assert body["model_version"] == ckpt.manifest.version
@@ -36,23 +37,25 @@ def test_recommend_equals_model_ranking_minus_seen(make_service_client, service_
 
 
 def test_recommend_without_exclusion_keeps_seen_items(make_service_client,
-                                                       service_artifacts) -> None:
-    session = popular(service_artifacts, "bb")[:1]
-    expected = model_top_k(service_artifacts, "bb", session, 5)
-    with make_service_client() as client:
+                                                       model_ranking_artifacts) -> None:
+    session = popular(model_ranking_artifacts, "bb")[:1]
+    expected = model_top_k(model_ranking_artifacts, "bb", session, 5)
+    with make_service_client(artifacts=model_ranking_artifacts) as client:
         body = client.post("/markets/bb/recommend",
                            json={"items": session, "k": 5, "exclude_seen": False}).json()
     assert [i["item_id"] for i in body["items"]] == [i for i, _ in expected]
 
 
-def test_unknown_items_are_reported_not_dropped(make_service_client, service_artifacts) -> None:
-    session = popular(service_artifacts, "aa")[:2]
-    with make_service_client() as client:
+def test_unknown_items_are_reported_not_dropped(make_service_client,
+                                                model_ranking_artifacts) -> None:
+    session = popular(model_ranking_artifacts, "aa")[:2]
+    with make_service_client(artifacts=model_ranking_artifacts) as client:
         body = client.post("/markets/aa/recommend",
                            json={"items": ["nope-1", *session, "nope-2", "nope-1"], "k": 3}).json()
     assert body["unknown_items"] == ["nope-1", "nope-2"]
     assert body["fallback"] is None
-    expected = [h for h in model_top_k(service_artifacts, "aa", session, 5) if h[0] not in session]
+    expected = [h for h in model_top_k(model_ranking_artifacts, "aa", session, 5)
+                if h[0] not in session]
     assert [i["item_id"] for i in body["items"]] == [i for i, _ in expected[:3]]
 
 
@@ -68,11 +71,12 @@ def test_no_known_item_falls_back_to_popular(make_service_client, service_artifa
     assert 'xmr_fallbacks_total{kind="popular",market="cc"} 1.0' in metrics
 
 
-def test_candidates_are_reranked_by_model_score(make_service_client, service_artifacts) -> None:
-    items = popular(service_artifacts, "aa")
+def test_candidates_are_reranked_by_model_score(make_service_client,
+                                                model_ranking_artifacts) -> None:
+    items = popular(model_ranking_artifacts, "aa")
     session, candidates = items[:2], items[5:15]
-    ranking = [i for i, _ in model_top_k(service_artifacts, "aa", session, len(items))]
-    with make_service_client() as client:
+    ranking = [i for i, _ in model_top_k(model_ranking_artifacts, "aa", session, len(items))]
+    with make_service_client(artifacts=model_ranking_artifacts) as client:
         body = client.post("/markets/aa/recommend", json={
             "items": session, "k": 4, "candidates": [*candidates, "nope", session[0]],
         }).json()
@@ -151,3 +155,63 @@ def test_oversized_body_returns_413(make_service_client) -> None:
     assert streamed.status_code == 413
     assert small.status_code == 200
     assert 'xmr_errors_total{market="",route="unmatched",status="413"} 2.0' in metrics
+
+
+def served_top_k(artifacts: Path, market: str, sessions: list[list[str]], k: int,
+                 candidates: list[str] | None = None) -> list[list[tuple[str, float]]]:
+    """What the experiment harness scores as `served` (training.served.ServedScorer) for the
+    same checkpoint and sessions: its top k item ids and scores."""
+    from training.ranker import load_ranker
+    from training.served import ServedScorer, item_vectors
+
+    ckpt = load_checkpoint(artifacts / "markets" / market)
+    assert ckpt.market_items is not None
+    ranker = load_ranker(artifacts / "markets" / market, ckpt.manifest.weights_sha256,
+                         ckpt.vocab.n_rows)
+    assert ranker is not None
+    rows = np.asarray(ckpt.vocab.indices(ckpt.market_items), dtype=np.int64)
+    scorer = ServedScorer(ranker, item_vectors(ckpt.model, ckpt.market_row, rows), ckpt.model,
+                          ckpt.market_row, depth=k)
+    histories = [ckpt.vocab.indices(s) for s in sessions]
+    if candidates is None:
+        scores = scorer(histories).numpy()  # (B, n_rows), -inf outside the served top k
+    else:
+        cols = np.asarray([ckpt.vocab.indices(candidates)] * len(sessions))
+        picked = scorer.score_candidates(histories, cols).numpy()  # (B, C)
+        scores = np.full((len(sessions), ckpt.vocab.n_rows), -np.inf)
+        np.put_along_axis(scores, cols, picked, axis=1)
+    out = []
+    for row in scores:
+        order = sorted((r for r in np.flatnonzero(np.isfinite(row))), key=lambda r: (-row[r], r))
+        out.append([(ckpt.vocab.item_id(int(r)), float(row[r])) for r in order[:k]])
+    return out
+
+
+def test_served_top_k_equals_the_experiments_served_ranking(make_service_client,
+                                                            service_artifacts) -> None:
+    items = popular(service_artifacts, "aa")
+    sessions = [items[2:5], items[:1], items[10:30:3], [items[7], items[1], items[40]]]
+    with make_service_client() as client:
+        markets = {m["market"]: m for m in client.get("/markets").json()["markets"]}
+        served = [client.post("/markets/aa/recommend", json={"items": s, "k": 8}).json()
+                  for s in sessions]
+        given = items[3:40:2]
+        chosen = [client.post("/markets/aa/recommend", json={
+            "items": s, "k": 6, "candidates": given}).json() for s in sessions]
+    assert markets["aa"]["ranking"] == "two-stage"
+    expected = served_top_k(service_artifacts, "aa", sessions, 8)
+    for body, want in zip(served, expected, strict=True):
+        assert [i["item_id"] for i in body["items"]] == [i for i, _ in want]
+        np.testing.assert_allclose([i["score"] for i in body["items"]], [s for _, s in want],
+                                   rtol=1e-4, atol=1e-4)
+    expected = served_top_k(service_artifacts, "aa", sessions, 6, candidates=given)
+    for body, want, session in zip(chosen, expected, sessions, strict=True):
+        assert [i["item_id"] for i in body["items"]] == [i for i, _ in want]
+        assert not set(session) & {i["item_id"] for i in body["items"]}
+
+
+def test_markets_without_a_ranker_serve_the_model_ranking(make_service_client,
+                                                          model_ranking_artifacts) -> None:
+    with make_service_client(artifacts=model_ranking_artifacts) as client:
+        markets = client.get("/markets").json()["markets"]
+    assert {m["ranking"] for m in markets} == {"model"}

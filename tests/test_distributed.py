@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from service.artifacts import CURRENT, STAGING_PREFIX, resolve_set
 from training.distributed import Distributed, device_for, partition
 from training.synthetic import SyntheticSpec, write_synthetic
 
@@ -110,8 +111,11 @@ def test_torchrun_two_cpu_processes_converge_and_only_rank_0_writes(workdir: Pat
     assert "distributed rank=0 world_size=2" in log
     assert "distributed rank=1 world_size=2" in log
     expected = {"global", "markets/aa", "markets/bb", "markets/cc"}
-    assert sorted(saves) == sorted(f"0 {out / name}" for name in expected), saves
-    assert {p.name for p in out.iterdir()} == {"global", "markets"}  # no stray temp dirs
+    generation = resolve_set(out)  # rank 0 trained into a staged generation, then published it
+    staging = generation.with_name(STAGING_PREFIX + generation.name)
+    assert sorted(saves) == sorted(f"0 {staging / name}" for name in expected), saves
+    assert {p.name for p in out.iterdir()} == {CURRENT, "generations", "global", "markets"}
+    assert [p.name for p in (out / "generations").iterdir()] == [generation.name]  # no strays
     assert {p.name for p in (out / "markets").iterdir()} == {"aa", "bb", "cc"}
     for name in expected:
         assert (out / name / "manifest.json").is_file()
@@ -134,8 +138,10 @@ def test_train_runs_as_one_plain_process(workdir: Path) -> None:
     out, saves, log = run_train(workdir, "single", [sys.executable])
 
     assert "distributed rank=" not in log
+    generation = resolve_set(out)
+    staging = generation.with_name(STAGING_PREFIX + generation.name)
     assert sorted(saves) == sorted(
-        f"single {out / name}" for name in ("global", "markets/aa", "markets/bb", "markets/cc")
+        f"single {staging / name}" for name in ("global", "markets/aa", "markets/bb", "markets/cc")
     )
     assert (out / "global" / "manifest.json").is_file()
     losses = [loss for loss, _ in fit_history(log)[("single", "global")]]

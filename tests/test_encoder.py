@@ -11,11 +11,11 @@ import torch
 
 from service.encoder import (
     CudaGraphEncoder,
-    OnnxEncoder,
     SessionEncoder,
     bucket_shape,
 )
 from service.export import export_onnx
+from service.onnx_encoder import OnnxEncoder
 from training.evaluate import pad_sessions
 from training.model import Bert4XMR, ModelConfig
 
@@ -46,6 +46,9 @@ OPTIONS = [
     {"position_embedding": True},
     {"output_projection": True, "n_layers": 1, "n_heads": 4},
     {"n_layers": 3, "d_model": 32, "d_ff": 64, "max_len": 8, "position_embedding": True},
+    {"pooling": "recency"},
+    {"pooling": "recency", "position_embedding": True, "market_placement": "output"},
+    {"market_placement": "input", "max_len": 8, "pooling": "recency"},
 ]
 
 
@@ -98,13 +101,15 @@ def test_onnx_encoder_equals_module(options: dict[str, object], tmp_path) -> Non
         encoder = OnnxEncoder(tmp_path / f"encoder-{market}.onnx", config.max_len)
         assert encoder.kind == "onnx"
         batch = sessions(config.n_rows, config.max_len, seed=market)
-        got = encoder.encode(batch)
+        got = torch.from_numpy(encoder.encode(batch))  # numpy: the ONNX path has no torch
         assert got.shape == (len(batch), config.d_model) and got.dtype == torch.float32
         want = module_reference(config, len(options), batch, market)
         torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
         # alone, one item, or in a padded batch, a session gets the same vector
-        torch.testing.assert_close(encoder.encode(batch[4:5])[0], got[4], rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(encoder.encode([batch[0]])[0], got[0], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(torch.from_numpy(encoder.encode(batch[4:5]))[0], got[4],
+                                   rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(torch.from_numpy(encoder.encode([batch[0]]))[0], got[0],
+                                   rtol=1e-4, atol=1e-5)
 
 
 def test_bucket_shapes() -> None:

@@ -178,7 +178,8 @@ def _fake_result(protocol: str, markets: list[str], seeds: list[int]) -> Protoco
 def test_report_states_the_protocol_discipline_and_compares_with_the_acmr_log() -> None:
     result = _fake_result("acmr", ["de", "jp"], [0, 1])
     text = render_report(result)
-    assert "early stopping use the validation items only" in text
+    assert "early stopping, the served ranker's scorer and ItemKNN's recency decay use the " \
+        "validation items only" in text
     assert "scored once" in text
     assert PEERS["acmr"].source in text
     ours = float(np.mean([result.runs[s]["de"]["bert4xmr"]["ndcg@10"] for s in (0, 1)]))

@@ -55,15 +55,16 @@ def test_rebuild_is_idempotent_and_removes_old_index_files(artifacts_copy: Path)
 
 
 @pytest.mark.parametrize("market", ["aa", "bb", "cc"])
-def test_faiss_top_k_equals_model_and_torch_top_k(service_artifacts: Path, market: str) -> None:
-    faiss_bundle = load_bundle(service_artifacts, [market], "faiss", "cpu")
-    torch_bundle = load_bundle(service_artifacts, [market], "torch", "cpu")
+def test_faiss_top_k_equals_model_and_torch_top_k(model_ranking_artifacts: Path,
+                                                  market: str) -> None:
+    faiss_bundle = load_bundle(model_ranking_artifacts, [market], "faiss", "cpu")
+    torch_bundle = load_bundle(model_ranking_artifacts, [market], "torch", "cpu")
     popular = [item for item, _ in faiss_bundle.market(market).popular]
     for session in (popular[:1], popular[3:8], popular[10:30:3]):
         query = Query(session, k=20, exclude_seen=False)
         by_faiss = recommend_many(faiss_bundle.market(market), [query])[0].items
         by_torch = recommend_many(torch_bundle.market(market), [query])[0].items
-        expected = model_top_k(service_artifacts, market, session, 20)
+        expected = model_top_k(model_ranking_artifacts, market, session, 20)
         assert [i for i, _ in by_faiss] == [i for i, _ in expected]
         assert [i for i, _ in by_torch] == [i for i, _ in expected]
         np.testing.assert_allclose([s for _, s in by_faiss], [s for _, s in expected], rtol=1e-5)
@@ -149,12 +150,13 @@ def test_served_encoders_agree_with_the_checkpoint(service_artifacts: Path) -> N
         assert model.encoder.kind == "onnx" and plain.markets[market].encoder.kind == "torch"
         sessions = [[int(r) for r in model.index.rows[i : i + n]] for i, n in
                     [(0, 1), (3, 7), (10, 60)]]
-        ckpt = model.checkpoint
+        ckpt = load_checkpoint(model.checkpoint.path)
         with torch.inference_mode():
             want = torch.stack([ckpt.model.encode(torch.tensor([s[-ckpt.model.config.max_len:]]),
                                                   torch.tensor([ckpt.market_row]))[0]
                                 for s in sessions])
-        torch.testing.assert_close(model.encoder.encode(sessions), want, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(torch.from_numpy(model.encoder.encode(sessions)), want,
+                                   rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(plain.markets[market].encoder.encode(sessions), want,
                                    rtol=1e-4, atol=1e-5)
 

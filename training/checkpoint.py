@@ -4,6 +4,9 @@ A checkpoint is a directory holding `weights.safetensors` (tensors only: nothing
 `manifest.json` (schema version, model config, markets, market, parent, data fingerprint,
 metrics, creation time, the weights' sha256), `items.json` (row -> item id) and, for a market
 checkpoint, `market_items.json` (the items sold there, with their interaction counts).
+
+`read_checkpoint_info` checks all of it but the weights' contents without torch (serving from the
+exported encoder and the FAISS index needs no more); `load_checkpoint` adds the model.
 """
 
 from __future__ import annotations
@@ -16,14 +19,16 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
 
-from training.model import Bert4XMR, ModelConfig
 from training.vocab import Vocab
+
+if TYPE_CHECKING:  # torch and the model are imported where weights are read or written
+    import torch
+
+    from training.model import Bert4XMR, ModelConfig
 
 SCHEMA_VERSION = 1
 WEIGHTS = "weights.safetensors"
@@ -71,6 +76,33 @@ class Manifest:
         }
 
 
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """A checked checkpoint without its model: what serving from the exported encoder and the
+    FAISS index reads. Only the model config fields that serving uses are kept."""
+
+    path: Path
+    kind: str
+    market: str | None
+    markets: list[str]
+    weights_sha256: str
+    max_len: int
+    d_model: int
+    vocab: Vocab
+    market_items: dict[str, int] | None  # item id -> interactions in the market
+
+    @property
+    def version(self) -> str:
+        """The same short id as `Manifest.version`."""
+        return self.weights_sha256[:12]
+
+    @property
+    def market_row(self) -> int:
+        if self.market is None:
+            raise CheckpointError(f"{self.path}: a global checkpoint has no market")
+        return self.markets.index(self.market)
+
+
 @dataclass
 class Checkpoint:
     path: Path
@@ -78,6 +110,14 @@ class Checkpoint:
     model: Bert4XMR
     vocab: Vocab
     market_items: dict[str, int] | None = None  # item id -> interactions in the market
+
+    @property
+    def info(self) -> CheckpointInfo:
+        """This checkpoint as `read_checkpoint_info` reads it."""
+        m = self.manifest
+        return CheckpointInfo(self.path, m.kind, m.market, m.markets, m.weights_sha256,
+                              m.model_config.max_len, m.model_config.d_model, self.vocab,
+                              self.market_items)
 
     @property
     def market_row(self) -> int:
@@ -120,6 +160,8 @@ def save_checkpoint(
     `keep` names files of an existing checkpoint at `path` to carry over (none by default:
     an index built for older weights must not survive a retrain).
     """
+    from safetensors.torch import save_file
+
     if manifest.kind == "market" and (manifest.market is None or market_items is None):
         raise ValueError("a market checkpoint needs its market and its market items")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -153,7 +195,7 @@ def _read_json(path: Path) -> Any:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from e
 
 
-def read_manifest(path: Path) -> Manifest:
+def _read_manifest_json(path: Path) -> dict[str, Any]:
     data = _read_json(path / MANIFEST)
     if not isinstance(data, dict):
         raise CheckpointError(f"{path / MANIFEST}: expected a JSON object")
@@ -162,6 +204,23 @@ def read_manifest(path: Path) -> Manifest:
             f"{path / MANIFEST}: schema_version {data.get('schema_version')!r}, "
             f"this reader knows {SCHEMA_VERSION}"
         )
+    return data
+
+
+def _check_manifest(path: Path, kind: object, market: object, markets: list[str],
+                    n_markets: object) -> None:
+    if kind not in ("global", "market"):
+        raise CheckpointError(f"{path / MANIFEST}: kind must be 'global' or 'market'")
+    if kind == "market" and market not in markets:
+        raise CheckpointError(f"{path / MANIFEST}: market {market!r} not in {markets}")
+    if n_markets != len(markets):
+        raise CheckpointError(f"{path / MANIFEST}: n_markets does not match the market list")
+
+
+def read_manifest(path: Path) -> Manifest:
+    from training.model import ModelConfig
+
+    data = _read_manifest_json(path)
     try:
         manifest = Manifest(
             kind=data["kind"],
@@ -177,32 +236,52 @@ def read_manifest(path: Path) -> Manifest:
         )
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path / MANIFEST}: invalid manifest ({e!r})") from e
-    if manifest.kind not in ("global", "market"):
-        raise CheckpointError(f"{path / MANIFEST}: kind must be 'global' or 'market'")
-    if manifest.kind == "market" and manifest.market not in manifest.markets:
-        raise CheckpointError(
-            f"{path / MANIFEST}: market {manifest.market!r} not in {manifest.markets}"
-        )
-    if manifest.model_config.n_markets != len(manifest.markets):
-        raise CheckpointError(f"{path / MANIFEST}: n_markets does not match the market list")
+    _check_manifest(path, manifest.kind, manifest.market, manifest.markets,
+                    manifest.model_config.n_markets)
     return manifest
 
 
-def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> Checkpoint:
-    """Read and validate a checkpoint; any inconsistency raises CheckpointError naming the path."""
+def read_checkpoint_info(path: Path) -> CheckpointInfo:
+    """Read and validate a checkpoint but for its weights' contents (their sha256 is checked),
+    without torch: of the model config only the fields serving uses are read. Any inconsistency
+    raises CheckpointError naming the path."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: no checkpoint directory")
-    manifest = read_manifest(path)
+    data = _read_manifest_json(path)
+    try:
+        config = data["model_config"]
+        fields = (data["kind"], data.get("market"), list(data["markets"]),
+                  str(data["weights_sha256"]), int(config["max_len"]), int(config["d_model"]),
+                  int(config["n_rows"]), config["n_markets"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path / MANIFEST}: invalid manifest ({e!r})") from e
+    kind, market, markets, weights_sha256, max_len, d_model, n_rows, n_markets = fields
+    _check_manifest(path, kind, market, markets, n_markets)
+    _check_weights(path, weights_sha256)
+    try:  # the safetensors header and the file's extent, as numpy would read them
+        with safe_open(str(path / WEIGHTS), framework="numpy") as weights:
+            weights.keys()
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path / WEIGHTS}: unreadable weights ({e})") from e
+    vocab, market_items = _read_items(path, kind, n_rows)
+    return CheckpointInfo(path, kind, market, markets, weights_sha256, max_len, d_model, vocab,
+                          market_items)
+
+
+def _check_weights(path: Path, weights_sha256: str) -> None:
     weights = path / WEIGHTS
     if not weights.is_file():
         raise CheckpointError(f"{weights}: missing")
     actual = file_sha256(weights)
-    if actual != manifest.weights_sha256:
+    if actual != weights_sha256:
         raise CheckpointError(
             f"{weights}: sha256 {actual[:12]} does not match the manifest's "
-            f"{manifest.weights_sha256[:12]} (corrupt or replaced weights)"
+            f"{weights_sha256[:12]} (corrupt or replaced weights)"
         )
+
+
+def _read_items(path: Path, kind: str, n_rows: int) -> tuple[Vocab, dict[str, int] | None]:
     item_ids = _read_json(path / ITEMS)
     if not isinstance(item_ids, list) or not all(isinstance(i, str) for i in item_ids):
         raise CheckpointError(f"{path / ITEMS}: expected a list of item id strings")
@@ -210,19 +289,32 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> Che
         vocab = Vocab(item_ids)
     except ValueError as e:
         raise CheckpointError(f"{path / ITEMS}: {e}") from e
-    if vocab.n_rows != manifest.model_config.n_rows:
-        raise CheckpointError(
-            f"{path / ITEMS}: {len(vocab)} items but the model has "
-            f"{manifest.model_config.n_rows - 1}"
-        )
+    if vocab.n_rows != n_rows:
+        raise CheckpointError(f"{path / ITEMS}: {len(vocab)} items but the model has {n_rows - 1}")
     market_items = None
-    if manifest.kind == "market":
+    if kind == "market":
         market_items = _read_json(path / MARKET_ITEMS)
         if not isinstance(market_items, dict) or not market_items:
             raise CheckpointError(f"{path / MARKET_ITEMS}: expected a non-empty object")
         unknown = [i for i in market_items if i not in vocab]
         if unknown:
             raise CheckpointError(f"{path / MARKET_ITEMS}: items not in items.json: {unknown[:5]}")
+    return vocab, market_items
+
+
+def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> Checkpoint:
+    """Read and validate a checkpoint; any inconsistency raises CheckpointError naming the path."""
+    from safetensors.torch import load_file
+
+    from training.model import Bert4XMR
+
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no checkpoint directory")
+    manifest = read_manifest(path)
+    _check_weights(path, manifest.weights_sha256)
+    vocab, market_items = _read_items(path, manifest.kind, manifest.model_config.n_rows)
+    weights = path / WEIGHTS
     try:
         state = load_file(str(weights), device=str(map_location))
     except (SafetensorError, OSError, ValueError) as e:

@@ -6,13 +6,11 @@ import logging
 from pathlib import Path
 from typing import Annotated
 
-import torch
 import typer
 
 from training.checkpoint import CheckpointError
 from training.config import ConfigError, load_config
 from training.data import DataError, LoaderOptions
-from training.distributed import Distributed, device_for
 from training.split import SPLITS
 
 logger = logging.getLogger(__name__)
@@ -59,6 +57,8 @@ def parse_markets(markets: str | None) -> list[str] | None:
 
 
 def set_threads(threads: int) -> None:
+    import torch  # here, not at import: `xmr serve` on the CPU image runs without torch
+
     torch.set_num_threads(max(1, threads))
 
 
@@ -82,8 +82,13 @@ def train_command(
 ) -> None:
     """Pre-train on all markets, fine-tune per market, write ARTIFACTS/global and markets/<m>."""
     from training.data import read_dataset
-    from training.train import train_markets
 
+    try:
+        from training.distributed import Distributed, device_for
+        from training.train import train_markets
+    except ModuleNotFoundError as e:  # the serving image has no torch
+        raise fail(f"xmr train needs {e.name}: pip install 'xmr[train]' (or use the train "
+                   "image)") from e
     if split not in SPLITS:
         raise fail(f"--split must be one of {list(SPLITS)}, not {split!r}")
     try:
@@ -181,6 +186,7 @@ def experiment_command(
     share a split, so their models are trained once per seed.
     """
     from training.data import read_dataset
+    from training.distributed import device_for
     from training.experiment import ExperimentError, parse_protocols, run_experiment
     from training.report import output_dirs, write_outputs
 

@@ -17,6 +17,8 @@ MODEL_KEYS = (
     "market_embedding",
     "position_embedding",
     "output_projection",
+    "pooling",
+    "market_placement",
 )
 
 
@@ -44,6 +46,30 @@ class FitConfig:
     market_softmax: bool = True  # softmax over the items the market sells (its training items)
     hide_last: float = 0.5  # probability of always hiding the newest item (see train._mask_batch)
     validate_start: bool = False  # score the starting weights too (fine-tuning keeps them if best)
+    # Probability that a training sequence becomes a next-item example instead: cut at a random
+    # point, every item before the cut visible, the `next_span` items after it hidden.
+    next_prob: float = 0.0
+    next_span: int = 1
+    # Weight of the distillation term (training.distill): KL from a co-occurrence teacher.
+    distill: float = 0.0
+    distill_temperature: float = 0.1
+    distill_decay: float = 0.6
+
+
+@dataclass(frozen=True)
+class RankerConfig:
+    """The served ranking's second stage (`training.ranker`), fitted by `xmr train` on
+    validation items: how many candidates the model and co-occurrence each bring, how many
+    neighbours each item keeps, the scorer's form (0 hidden units: linear) and its L2 weight,
+    and how many validation users per market it is fitted on at most."""
+
+    enabled: bool = True
+    retrieve: int = 200
+    expand: int = 200
+    neighbours: int = 100
+    hidden: int = 0
+    l2: float = 1e-3
+    max_users: int = 2000
 
 
 @dataclass(frozen=True)
@@ -58,11 +84,14 @@ class TrainConfig:
     market_embedding: bool = True
     position_embedding: bool = False
     output_projection: bool = False
+    pooling: str = "mean"
+    market_placement: str = "both"
     threads: int = 2
     pretrain: FitConfig = field(default_factory=FitConfig)
     finetune: FitConfig = field(
         default_factory=lambda: FitConfig(lr=5e-4, max_epochs=10, patience=2, validate_start=True)
     )
+    ranker: RankerConfig = field(default_factory=RankerConfig)
 
     def model_kwargs(self) -> dict[str, Any]:
         return {key: getattr(self, key) for key in MODEL_KEYS}
@@ -74,6 +103,17 @@ class TrainConfig:
         return replace(self, **changes)
 
 
+def paper_form(config: TrainConfig) -> TrainConfig:
+    """The paper's Bert4XMR beside `config`: the session as a set (no position embedding),
+    the plain mean of the outputs, the market embedding on both sides, and only the
+    masked-item objective. The harness reports it as `bert4xmr_paper`."""
+    return replace(
+        config, pooling="mean", position_embedding=False, market_embedding=True,
+        market_placement="both", pretrain=replace(config.pretrain, next_prob=0.0),
+        finetune=replace(config.finetune, next_prob=0.0),
+    )
+
+
 def _build(cls: type, data: dict[str, Any], where: str) -> Any:
     known = {f.name: f for f in fields(cls)}
     unknown = sorted(set(data) - set(known))
@@ -81,11 +121,13 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
         raise ConfigError(f"{where}: unknown key(s) {unknown}; known: {sorted(known)}")
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
-        if key in ("pretrain", "finetune"):
+        if key in ("pretrain", "finetune", "ranker"):
             if not isinstance(value, dict):
                 raise ConfigError(f"{where}: [{key}] must be a table")
             default = getattr(cls(), key)
-            kwargs[key] = replace(default, **_build(FitConfig, value, f"{where} [{key}]").__dict__)
+            table = RankerConfig if key == "ranker" else FitConfig
+            given = {k: getattr(_build(table, value, f"{where} [{key}]"), k) for k in value}
+            kwargs[key] = replace(default, **given)
             continue
         expected = type(getattr(cls(), key))
         if expected is float and isinstance(value, int) and not isinstance(value, bool):

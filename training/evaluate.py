@@ -10,7 +10,7 @@ import torch
 from training.metrics import rank_of_target, summarize
 from training.model import Bert4XMR
 from training.split import MarketSplit
-from training.vocab import PAD
+from training.vocab import pad_rows
 
 # Scores of every item row (B, N) for a batch of sessions (lists of item rows) in one market.
 Scorer = Callable[[list[list[int]]], torch.Tensor]
@@ -18,12 +18,7 @@ Scorer = Callable[[list[list[int]]], torch.Tensor]
 
 def pad_sessions(sessions: Sequence[Sequence[int]], max_len: int) -> torch.Tensor:
     """Right-pad sessions with PAD into (B, T), keeping each session's last `max_len` items."""
-    width = max(1, min(max_len, max((len(s) for s in sessions), default=1)))
-    out = np.full((len(sessions), width), PAD, dtype=np.int64)  # one buffer, one tensor
-    for b, session in enumerate(sessions):
-        tail = list(session)[-max_len:]
-        out[b, : len(tail)] = tail
-    return torch.from_numpy(out)
+    return torch.from_numpy(pad_rows(sessions, max_len))  # one buffer, one tensor
 
 
 def encode_sessions(
@@ -81,8 +76,8 @@ def rank_split(split: MarketSplit, scorer: Scorer, stage: str, batch_size: int =
         rows = order[start : start + batch_size]
         sessions = [histories[i] for i in rows]
         target = torch.as_tensor(targets[rows])
-        scores = scorer(sessions)  # (B, N)
         if negatives is None:  # full ranking over the market's items minus the history
+            scores = scorer(sessions)  # (B, N)
             if market_mask is None:
                 market_mask = torch.zeros(scores.shape[1], dtype=torch.bool)
                 market_mask[torch.as_tensor(split.market_items)] = True
@@ -93,7 +88,13 @@ def rank_split(split: MarketSplit, scorer: Scorer, stage: str, batch_size: int =
             ranks[rows] = rank_of_target(scores, target, candidates).numpy()
         else:
             cols = torch.cat([target[:, None], torch.as_tensor(negatives[rows])], 1)  # (B, 100)
-            picked = scores.gather(1, cols)
+            # A scorer that ranks given candidates itself (the served ranking, as a request's
+            # `candidates`) scores just these; others score every item.
+            score_candidates = getattr(scorer, "score_candidates", None)
+            if score_candidates is not None:
+                picked = score_candidates(sessions, cols.numpy())
+            else:
+                picked = scorer(sessions).gather(1, cols)
             ones = torch.ones_like(picked, dtype=torch.bool)
             ranks[rows] = rank_of_target(picked, torch.zeros_like(target), ones).numpy()
     return ranks

@@ -19,19 +19,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from training.baselines import cooccurrence_similarity, itemknn_scorer, pop_scorer
-from training.config import TrainConfig
+from training.baselines import choose_decay, cooccurrence_similarity, itemknn_scorer, pop_scorer
+from training.config import TrainConfig, paper_form
 from training.data import Dataset
 from training.evaluate import Scorer, model_scorer, rank_split, restrict
 from training.metrics import METRIC_NAMES, summarize
 from training.model import Bert4XMR
 from training.negatives import NegativeStore
+from training.served import RankerFitting, ServedScorer, item_vectors, ranker_spec
 from training.split import PROTOCOLS, MarketSplit, split_market
 from training.train import Prepared, finetune, fit, new_model, prepare, pretrain
 
 logger = logging.getLogger(__name__)
 
-MODELS = ("bert4xmr", "global_only", "no_market_emb", "target_only", "pop", "itemknn")
+MODELS = ("served", "bert4xmr", "bert4xmr_paper", "global_only", "no_market_emb", "target_only",
+          "pop", "itemknn", "itemknn_recency")
 TRAIN_SPLIT = {"full": "full", "forec": "full", "acmr": "acmr"}  # protocol -> split trained on
 
 Metrics = dict[str, float]
@@ -197,59 +199,91 @@ def run_seed(
                 stores[protocol].sync(split, dataset.fingerprint)
     watch = Stopwatch()
     n_rows = prepared.vocab.n_rows
-    plain_config = config.with_overrides(market_embedding=False)
-    with watch.time("bert4xmr"):
-        global_model, _ = pretrain(prepared, config, device)
+    markets = prepared.markets
+    variants = {"bert4xmr": config}  # model name -> its config (pre-trained once each)
+    if "bert4xmr_paper" in models:
+        variants["bert4xmr_paper"] = paper_form(config)
     if "no_market_emb" in models:
-        with watch.time("no_market_emb"):
-            plain_global, _ = pretrain(prepared, plain_config, device)
-    if "itemknn" in models:
+        variants["no_market_emb"] = config.with_overrides(market_embedding=False)
+    globals_: dict[str, Bert4XMR] = {}
+    for name, variant in variants.items():
+        with watch.time(name):
+            globals_[name], _ = pretrain(prepared, variant, device)
+    # Under `acmr` (negatives from all markets) every model ranks only the items the market
+    # is known to sell before any held-out item is seen (its training items), as the
+    # service's per-market index ranks only the market's items. `full` and `forec` draw
+    # every candidate from the market already, and are scored as their protocols define.
+    catalogues = {m: prepared.splits[m].catalogue() for m in markets}
+    sold = catalogues if split_name == "acmr" else None
+    knn: dict[str, Scorer] = {}
+    if "itemknn" in models or "itemknn_recency" in models:
         with watch.time("itemknn"):
-            train_seqs = [seq for m in prepared.markets for seq in prepared.splits[m].train]
-            knn = itemknn_scorer(cooccurrence_similarity(train_seqs, n_rows))
+            train_seqs = [seq for m in markets for seq in prepared.splits[m].train]
+            similarity = cooccurrence_similarity(train_seqs, n_rows)
+            for market in markets:
+                knn[market] = itemknn_scorer(similarity)
+    decays: dict[str, float] = {}
+    if "itemknn_recency" in models:
+        with watch.time("itemknn_recency"):
+            decays = {m: choose_decay(prepared.splits[m], similarity) for m in markets}
+            logger.info("itemknn_recency seed=%d decays %s", seed, decays)
+    tuned: dict[str, dict[str, Bert4XMR]] = {name: {} for name in variants}
+    fitting = (RankerFitting(prepared.splits, markets, n_rows, ranker_spec(config.ranker),
+                             config.ranker.max_users, seed, sold)
+               if "served" in models else None)
+    for market in markets:
+        for name, variant in variants.items():
+            with watch.time(name):
+                tuned[name][market], _ = finetune(globals_[name], prepared, market, variant,
+                                                  device)
+        if fitting is not None:
+            with watch.time("served"):
+                fitting.add(market, tuned["bert4xmr"][market], device)
+    fitted = fitting.fit(config.ranker.hidden, config.ranker.l2) if fitting is not None else None
 
     out: dict[str, dict[str, dict[str, Metrics]]] = {p: {} for p in protocols}
-    for row, market in enumerate(prepared.markets):
+    for row, market in enumerate(markets):
+        split = prepared.splits[market]
         unrestricted: dict[str, Scorer] = {
-            "global_only": model_scorer(global_model, row, device),
-            "pop": pop_scorer(prepared.splits[market], n_rows),
+            "global_only": model_scorer(globals_["bert4xmr"], row, device),
+            "pop": pop_scorer(split, n_rows),
         }
-        if "bert4xmr" in models:
-            with watch.time("bert4xmr"):
-                tuned, _ = finetune(global_model, prepared, market, config, device)
-            unrestricted["bert4xmr"] = model_scorer(tuned, row, device)
-        if "no_market_emb" in models:
-            with watch.time("no_market_emb"):
-                plain, _ = finetune(plain_global, prepared, market, plain_config, device)
-            unrestricted["no_market_emb"] = model_scorer(plain, row, device)
+        for name in variants:
+            unrestricted[name] = model_scorer(tuned[name][market], row, device)
         if "target_only" in models:
             with watch.time("target_only"):  # from scratch on the market alone: no pre-training
                 target = new_model(prepared, config)
-                fit(target, [(prepared.splits[market], row)], config.pretrain, seed,
-                    f"target-{market}", device)
+                fit(target, [(split, row)], config.pretrain, seed, f"target-{market}", device)
             unrestricted["target_only"] = model_scorer(target, row, device)
-        if "itemknn" in models:
-            unrestricted["itemknn"] = knn
-        # Under `acmr` (negatives from all markets) every model ranks only the items the market
-        # is known to sell before any held-out item is seen (its training items), as the
-        # service's per-market index ranks only the market's items. `full` and `forec` draw
-        # every candidate from the market already, and are scored as their protocols define.
-        catalogue = prepared.splits[market].catalogue()
-        restricted = {name: restrict(scorer, catalogue) for name, scorer in unrestricted.items()}
+        if knn:
+            unrestricted["itemknn"] = knn[market]
+        if decays:
+            unrestricted["itemknn_recency"] = itemknn_scorer(similarity, decays[market])
+        restricted = {name: restrict(scorer, catalogues[market])
+                      for name, scorer in unrestricted.items()}
+        if fitted is not None:
+            # The served ranking is the service's: its index (here the protocol's sold items)
+            # bounds what it returns, so it needs no restriction on top.
+            model = tuned["bert4xmr"][market]
+            served = ServedScorer(
+                fitted.rankers[market],
+                item_vectors(model, row, (sold or {}).get(market, split.market_items)),
+                model, row, device)
+            unrestricted["served"] = restricted["served"] = served
         for protocol in protocols:
-            split = evals[protocol][market]
+            eval_split = evals[protocol][market]
             scorers = restricted if protocol == "acmr" else unrestricted
             out[protocol][market] = {}
             for name in models:
-                metrics = summarize(rank_split(split, scorers[name], "test"))  # test: once
+                metrics = summarize(rank_split(eval_split, scorers[name], "test"))  # test: once
                 out[protocol][market][name] = metrics
                 logger.info(
                     "experiment protocol=%s seed=%d market=%s model=%s users=%d hr@10=%.4f "
-                    "ndcg@10=%.4f", protocol, seed, market, name, len(split.eval_users),
+                    "ndcg@10=%.4f", protocol, seed, market, name, len(eval_split.eval_users),
                     metrics["hr@10"], metrics["ndcg@10"],
                 )
     n_users = {m: len(prepared.splits[m].eval_users) for m in prepared.markets}
-    return out, watch.seconds, market_cosine(global_model), n_users
+    return out, watch.seconds, market_cosine(globals_["bert4xmr"]), n_users
 
 
 SeedResult = tuple[dict[str, dict[str, dict[str, Metrics]]], dict[str, float], np.ndarray,

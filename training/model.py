@@ -17,6 +17,9 @@ from torch import nn
 
 from training.vocab import PAD
 
+POOLINGS = ("mean", "recency")
+PLACEMENTS = ("both", "input", "output")
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -31,10 +34,21 @@ class ModelConfig:
     market_embedding: bool = True
     position_embedding: bool = False
     output_projection: bool = False  # v_m(i) = W LayerNorm(E_item[i] + E_market[m])
+    # "mean": the paper's plain mean of the outputs; "recency": a weighted mean whose weights
+    # are learned per age (0 = newest item), a softmax over the session's real positions.
+    pooling: str = "mean"
+    # Where the market embedding enters: "both" (the paper: the encoder's input and the item
+    # vectors), "input" (the encoder's input only) or "output" (the item vectors only).
+    market_placement: str = "both"
 
     def __post_init__(self) -> None:
         if self.n_rows < 2 or self.n_markets < 1:
             raise ValueError(f"need at least one item and one market, got {self}")
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, not {self.pooling!r}")
+        if self.market_placement not in PLACEMENTS:
+            raise ValueError(f"market_placement must be one of {PLACEMENTS}, "
+                             f"not {self.market_placement!r}")
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model={self.d_model} not divisible by n_heads={self.n_heads}")
 
@@ -72,6 +86,10 @@ class Bert4XMR(nn.Module):
         self.encoder = nn.TransformerEncoder(layer, config.n_layers, enable_nested_tensor=False)
         self.output_norm = nn.LayerNorm(d)
         self.output_proj = nn.Linear(d, d, bias=False) if config.output_projection else None
+        # Zero logits: the recency pooling starts as the plain mean.
+        self.pool_logits = (
+            nn.Parameter(torch.zeros(config.max_len)) if config.pooling == "recency" else None
+        )
         nn.init.normal_(self.item_emb.weight, std=0.02)
         nn.init.normal_(self.market_emb.weight, std=0.02)
         with torch.no_grad():
@@ -80,32 +98,35 @@ class Bert4XMR(nn.Module):
             self.market_emb.weight.requires_grad_(False)
             nn.init.zeros_(self.market_emb.weight)
 
-    def shifted(self, items: torch.Tensor, market: torch.Tensor) -> torch.Tensor:
-        """LayerNorm(E_item + E_market): items (B, T) or (N,), market broadcastable."""
-        return self.input_norm(self.item_emb(items) + self.market_emb(market))
+    def shifted(self, items: torch.Tensor, market: torch.Tensor, side: str) -> torch.Tensor:
+        """LayerNorm(E_item + E_market) for the `side` ("input" or "output") where the market
+        embedding is placed, LayerNorm(E_item) on the other: items (B, T) or (N,), market
+        broadcastable."""
+        x = self.item_emb(items)
+        if self.config.market_placement in ("both", side):
+            x = x + self.market_emb(market)
+        return self.input_norm(x)
 
     def encode(self, items: torch.Tensor, market: torch.Tensor) -> torch.Tensor:
         """User vectors: items (B, T) rows with PAD=0 padding, market (B,) -> (B, D)."""
         items = items[:, -self.config.max_len :]
         real = items != PAD  # (B, T)
-        x = self.shifted(items, market[:, None])  # (B, T, D)
+        # Age of each position counted back from the newest item, so recency means the same at
+        # any length (right padding: the newest real item is at lengths - 1).
+        lengths = real.sum(1, keepdim=True)  # (B, 1)
+        ages = (lengths - 1 - torch.arange(items.shape[1], device=items.device)).clamp(min=0)
+        x = self.shifted(items, market[:, None], "input")  # (B, T, D)
         if self.position_emb is not None:
-            # Positions count back from the newest item, so recency means the same at any length.
-            lengths = real.sum(1, keepdim=True)  # (B, 1)
-            positions = (lengths - 1 - torch.arange(items.shape[1], device=items.device)).clamp(
-                min=0
-            )
-            x = x + self.position_emb(positions)  # (B, T, D)
+            x = x + self.position_emb(ages)  # (B, T, D)
         x = self.encoder(self.dropout(x), src_key_padding_mask=~real)  # (B, T, D)
         x = self.output_norm(x)
-        weights = real.unsqueeze(-1).to(x.dtype)  # (B, T, 1)
-        return (x * weights).sum(1) / weights.sum(1).clamp(min=1.0)  # (B, D)
+        return pool(x, real, ages, self.pool_logits)
 
     def item_vectors(self, market: int | torch.Tensor) -> torch.Tensor:
         """Market-shifted vectors of every row (N, D); row 0 (padding) is never a candidate."""
         rows = torch.arange(self.config.n_rows, device=self.item_emb.weight.device)
         market_t = torch.as_tensor(market, device=rows.device)
-        return self.output_vectors(self.shifted(rows, market_t))
+        return self.output_vectors(self.shifted(rows, market_t, "output"))
 
     def output_vectors(self, shifted: torch.Tensor) -> torch.Tensor:
         return self.output_proj(shifted) if self.output_proj is not None else shifted
@@ -118,7 +139,21 @@ class Bert4XMR(nn.Module):
             return user @ self.item_vectors(market[0]).T  # (B, N)
         vectors = self.output_vectors(
             self.shifted(
-                torch.arange(self.config.n_rows, device=items.device)[None, :], market[:, None]
+                torch.arange(self.config.n_rows, device=items.device)[None, :], market[:, None],
+                "output",
             )
         )  # (B, N, D)
         return torch.einsum("bd,bnd->bn", user, vectors)
+
+
+def pool(x: torch.Tensor, real: torch.Tensor, ages: torch.Tensor,
+         logits: torch.Tensor | None) -> torch.Tensor:
+    """The user vector: the mean of x (B, T, D) over real positions, weighted by
+    softmax(logits[age]) when recency logits are given -> (B, D)."""
+    if logits is None:
+        weights = real.to(x.dtype)  # (B, T)
+    else:
+        scores = logits[ages].masked_fill(~real, float("-inf"))  # (B, T)
+        weights = torch.softmax(scores, dim=1).nan_to_num(0.0)  # an empty row: all zero
+    weights = weights.unsqueeze(-1)  # (B, T, 1)
+    return (x * weights).sum(1) / weights.sum(1).clamp(min=1e-6 if logits is not None else 1.0)

@@ -87,7 +87,9 @@ PEERS: dict[str, PeerSet] = {
 }
 NO_PEERS = (
     "No published method was measured with the `full` protocol (full ranking, time split) on "
-    "these files, so this report compares Bert4XMR with our own `pop` and `itemknn` baselines."
+    "these files, so this report compares the served ranking and Bert4XMR with our own `pop`, "
+    "`itemknn` and `itemknn_recency` baselines (the README adds RecBole's SASRec and ItemKNN, "
+    "run on one market each)."
 )
 SELECTION_TEXT = {
     "full": "Early stopping uses full-ranking validation NDCG@10.",
@@ -153,15 +155,18 @@ def _relative_table(result: ProtocolResult) -> list[str]:
               "|---" * (len(result.markets) + 3) + "|"]
     lines: list[str] = []
     pairs: list[tuple[str, str, dict[str, dict[str, float]]]] = []
+    ours_rows = [m for m in ("served", "bert4xmr") if m in result.models]
     for peer in peer_comparisons(result.protocol, result.markets):
-        pairs.append((peer.ours, peer.name, peer.metrics))
-    if result.protocol not in PEERS:
-        for baseline in ("pop", "itemknn"):
+        for ours in dict.fromkeys(["served", peer.ours]):
+            if ours in result.models:
+                pairs.append((ours, peer.name, peer.metrics))
+    for ours in ours_rows:
+        for baseline in ("pop", "itemknn", "itemknn_recency"):
             if baseline not in result.models:
                 continue
             values = {k: {m: table[m][baseline][k]["mean"] for m in result.markets}
                       for k in ("hr@10", "ndcg@10")}
-            pairs.append(("bert4xmr", baseline, values))
+            pairs.append((ours, baseline, values))
     for ours, name, metrics in pairs:
         for metric, by_market in metrics.items():
             cells, ours_known, theirs_known = [], [], []
@@ -200,15 +205,24 @@ def render_report(result: ProtocolResult) -> str:
         f"Seeds: {seeds} ({spread}). Markets: {', '.join(result.markets)}. "
         f"Test users per market: {result.n_users}. Device: {result.device}. "
         f"Training wall time: {result.train_seconds:.1f} s.{shared}", "",
-        "Model selection and early stopping use the validation items only; the test items are "
-        "scored once per model and seed, after training, and never influence a choice. "
+        "Model selection, early stopping, the served ranker's scorer and ItemKNN's recency "
+        "decay use the validation items only; the test items are scored once per model and "
+        "seed, after training, and never influence a choice. "
         f"{SELECTION_TEXT[result.protocol]}", "",
-        "Models: `bert4xmr` pre-trained on all markets and fine-tuned on the market; "
-        "`global_only` the pre-trained model without fine-tuning; `no_market_emb` the same "
-        "pipeline without market embeddings; `target_only` Bert4XMR trained on the market alone; "
-        "`pop` the market's most popular training items (fixed tie-break); `itemknn` cosine "
-        "item-item co-occurrence over all markets' training sequences. Ties count against the "
-        "held-out item.", "",
+        "Models: `served` what `POST /markets/{m}/recommend` returns, computed by the service's "
+        "own function (`training.ranker.rank_session`): the fine-tuned Bert4XMR's inner-product "
+        "top candidates and the items co-occurring most with the session, re-scored by one "
+        "scorer fitted on all markets' validation items (sampled protocols: the candidates "
+        "given, as a request's `candidates`); `bert4xmr` the model alone (the default "
+        "configuration), pre-trained on all markets and fine-tuned on the market; "
+        "`bert4xmr_paper` the paper's form (the session as a set, plain mean pooling, market "
+        "embedding on both sides, masked-item objective only); `global_only` the pre-trained "
+        "model without fine-tuning; `no_market_emb` the default pipeline without market "
+        "embeddings; `target_only` Bert4XMR trained on the market alone; `pop` the market's "
+        "most popular training items (fixed tie-break); `itemknn` cosine item-item "
+        "co-occurrence over all markets' training sequences; `itemknn_recency` the same with "
+        "the session's items weighted by decay^age (age 0 the newest; decay per market and "
+        "seed chosen on validation). Ties count against the held-out item.", "",
     ]
     if result.protocol in PEERS:
         peer_set = PEERS[result.protocol]

@@ -23,9 +23,12 @@ import torch.nn.functional as F
 from training.checkpoint import Manifest, save_checkpoint
 from training.config import FitConfig, TrainConfig
 from training.data import Dataset
+from training.distill import Teacher, build_teacher, distillation_loss
 from training.distributed import Distributed
 from training.evaluate import evaluate_split, model_scorer, pad_sessions
 from training.model import Bert4XMR, ModelConfig
+from training.ranker import save_ranker
+from training.served import RankerFitting, ranker_spec
 from training.split import MarketSplit, split_market
 from training.vocab import PAD, Vocab
 
@@ -67,15 +70,25 @@ def _mask_batch(
     mask_prob: float,
     rng: np.random.Generator,
     hide_last: float = 0.0,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    next_prob: float = 0.0,
+    next_span: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Split each sequence into visible inputs and hidden targets (each at least one item).
 
     With probability `hide_last` the newest item is always hidden: under a time split the
-    held-out item is the newest one, and this puts more of that task into training.
+    held-out item is the newest one, and this puts more of that task into training. With
+    probability `next_prob` the sequence is a next-item example instead: cut at a random point,
+    everything before the cut visible, the `next_span` items after it hidden. Returns the
+    visible rows, the hidden rows and each user's own (newest) items.
     """
     visible: list[list[int]] = []
     hidden: list[list[int]] = []
     for seq in seqs:
+        if next_prob and len(seq) >= 2 and rng.random() < next_prob:
+            cut = int(rng.integers(1, len(seq)))
+            visible.append(seq[max(0, cut - max_len) : cut])
+            hidden.append(seq[cut : cut + next_span])
+            continue
         seq = seq[-(max_len + 1) :]
         hide = rng.random(len(seq)) < mask_prob
         if hide_last and rng.random() < hide_last:
@@ -86,7 +99,8 @@ def _mask_batch(
             hide[rng.integers(len(seq))] = True
         visible.append([r for r, h in zip(seq, hide, strict=True) if not h])
         hidden.append([r for r, h in zip(seq, hide, strict=True) if h])
-    return pad_sessions(visible, max_len), pad_sessions(hidden, max_len + 1)
+    owned = pad_sessions(seqs, max_len + 1)
+    return pad_sessions(visible, max_len), pad_sessions(hidden, max_len + 1), owned
 
 
 def _loss(
@@ -97,8 +111,12 @@ def _loss(
     label_smoothing: float,
     exclude_visible: bool = False,
     allowed: torch.Tensor | None = None,
+    teacher: Teacher | None = None,
+    owned: torch.Tensor | None = None,
+    distill: float = 0.0,
 ) -> torch.Tensor:
-    """Mean cross-entropy of the hidden items; `allowed` (N,) restricts the softmax."""
+    """Mean cross-entropy of the hidden items; `allowed` (N,) restricts the softmax. With a
+    `teacher`, plus `distill` times the KL from its distribution (training.distill)."""
     market = torch.full((inputs.shape[0],), market_row, dtype=torch.long, device=inputs.device)
     logits = model(inputs, market)  # (B, N)
     if exclude_visible:
@@ -112,6 +130,10 @@ def _loss(
     real = targets != PAD  # (B, M)
     picked = log_probs.gather(1, targets)  # (B, M); -inf at padding, masked out next
     nll = -torch.where(real, picked, torch.zeros_like(picked)).sum() / real.sum()
+    if teacher is not None and owned is not None and distill:
+        with torch.no_grad():
+            scores = teacher.scores(inputs, owned)  # (B, N)
+        nll = nll + distill * distillation_loss(log_probs, scores, teacher.temperature)
     if label_smoothing:
         finite = torch.isfinite(log_probs)
         per_row = torch.where(finite, log_probs, torch.zeros_like(log_probs)).sum(-1)
@@ -173,14 +195,21 @@ def fit(
             mask = torch.zeros(model.config.n_rows, dtype=torch.bool)
             mask[torch.as_tensor(split.catalogue())] = True
             allowed[market_row] = mask.to(device)
+    teacher = None
+    if config.distill:
+        teacher = build_teacher([seq for split, _ in splits for seq in split.train],
+                                model.config.n_rows, decay=config.distill_decay,
+                                temperature=config.distill_temperature).to(device)
+
     def step(epoch: int) -> tuple[float, int]:
         """One epoch of training; returns the summed loss and the number of sequences."""
         model.train()
         batches = dist.shard(_batches(splits, config.batch_size, rng))
         total, n = 0.0, 0
         for market_row, seqs in _progress(batches, f"{name} epoch {epoch}"):
-            inputs, targets = _mask_batch(
-                seqs, model.config.max_len, config.mask_prob, rng, config.hide_last
+            inputs, targets, owned = _mask_batch(
+                seqs, model.config.max_len, config.mask_prob, rng, config.hide_last,
+                config.next_prob, config.next_span,
             )
             loss = _loss(
                 wrapped,
@@ -190,6 +219,9 @@ def fit(
                 config.label_smoothing,
                 config.exclude_visible,
                 allowed.get(market_row),
+                teacher,
+                owned.to(device),
+                config.distill,
             )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -329,6 +361,10 @@ def train_markets(
     )
     if dist.is_main:
         save_checkpoint(out / "global", global_model, prepared.vocab, global_manifest)
+    fitting = (RankerFitting(prepared.splits, prepared.markets, prepared.vocab.n_rows,
+                             ranker_spec(config.ranker), config.ranker.max_users, config.seed)
+               if config.ranker.enabled and dist.is_main else None)
+    weights: dict[str, str] = {}
     for market in prepared.markets:
         model, result = finetune(global_model, prepared, market, config, device, dist)
         results[market] = result
@@ -348,5 +384,14 @@ def train_markets(
                 manifest,
                 market_counts(prepared.splits[market], prepared.vocab),
             )
+            weights[market] = manifest.weights_sha256
+        if fitting is not None:
+            fitting.add(market, model, device)
+    if fitting is not None:
+        fitted = fitting.fit(config.ranker.hidden, config.ranker.l2)
+        for market, ranker in fitted.rankers.items():
+            save_ranker(out / "markets" / market, ranker, weights[market], fitted.fitted[market])
+        logger.info("rankers fitted markets=%d seconds=%.1f", len(fitted.rankers),
+                    fitted.seconds)
     dist.barrier()
     return results

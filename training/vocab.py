@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
+import numpy as np
+
 PAD = 0
 
 
@@ -65,3 +67,14 @@ class Vocab:
         if not 1 <= item_idx <= len(self._ids):
             raise IndexError(f"item row {item_idx} outside 1..{len(self._ids)}")
         return self._ids[item_idx - 1]
+
+
+def pad_rows(sessions: Sequence[Sequence[int]], max_len: int) -> np.ndarray:
+    """Right-pad sessions of item rows with PAD into (B, T) int64, keeping each session's last
+    `max_len` items (T is the longest kept session, at least 1)."""
+    width = max(1, min(max_len, max((len(s) for s in sessions), default=1)))
+    out = np.full((len(sessions), width), PAD, dtype=np.int64)  # (B, T)
+    for b, session in enumerate(sessions):
+        tail = list(session)[-max_len:]
+        out[b, : len(tail)] = tail
+    return out

@@ -6,13 +6,13 @@ bound, what recommend would cost with a free encoder, and never the service."""
 import os
 
 if os.environ.get("XMR_DIAGNOSTIC_ZERO_ENCODER") == "1":
-    import torch
+    import numpy as np
 
-    from service.encoder import OnnxEncoder
+    from service.onnx_encoder import OnnxEncoder
 
-    def _zero_encode(self: OnnxEncoder, sessions: object) -> torch.Tensor:
+    def _zero_encode(self: OnnxEncoder, sessions: object) -> np.ndarray:
         width = self.session.get_outputs()[0].shape[1]  # D
-        return torch.zeros((len(sessions), width))  # type: ignore[arg-type]
+        return np.zeros((len(sessions), width), dtype=np.float32)  # type: ignore[arg-type]
 
     OnnxEncoder.encode = _zero_encode  # type: ignore[method-assign,assignment]
     print("xmr: DIAGNOSTIC RUN, the ONNX encoder returns zero vectors", flush=True)

@@ -1,0 +1,195 @@
+"""The served ranking's second stage: pair counts, the neighbour table, the per-session sums,
+candidates, ordering, the fitted scorer and the ranker's files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from training.ranker import (
+    PAIR_STATS,
+    Aggregate,
+    ItemVectors,
+    MarketRanker,
+    RankerError,
+    RankerSpec,
+    Scorer,
+    aggregate,
+    bind,
+    build_neighbours,
+    count_pairs,
+    fit_scorer,
+    load_ranker,
+    rank_session,
+    save_ranker,
+    session_arrays,
+)
+
+N_ROWS = 8  # rows 1..7 are items, 0 is padding
+SESSIONS = [[1, 2, 3], [1, 2], [2, 4, 5, 1], [6, 7]]
+
+
+def test_count_pairs_counts_each_user_once_and_shares_a_unit_per_user() -> None:
+    pairs = count_pairs([[1, 2, 3], [1, 2], [2, 1, 2]], N_ROWS, ordered=False)
+    lookup = dict(zip(pairs.keys.tolist(), pairs.users.tolist(), strict=True))
+    weighted = dict(zip(pairs.keys.tolist(), pairs.weighted.tolist(), strict=True))
+    assert lookup[1 * N_ROWS + 2] == 3 and lookup[2 * N_ROWS + 1] == 3
+    assert lookup[1 * N_ROWS + 3] == 1 and 2 * N_ROWS + 2 not in lookup
+    # user 1 has 3 distinct items (1/2 a pair), users 2 and 3 have 2 (1 a pair)
+    assert weighted[1 * N_ROWS + 2] == pytest.approx(0.5 + 1 + 1)
+    assert pairs.item_users.tolist() == [0, 3, 3, 1, 0, 0, 0, 0]
+
+
+def test_ordered_pairs_look_forward_within_the_window() -> None:
+    pairs = count_pairs([[1, 2, 3, 4, 5]], N_ROWS, ordered=True)
+    keys = {(int(k) // N_ROWS, int(k) % N_ROWS) for k in pairs.keys}
+    assert (1, 2) in keys and (1, 4) in keys and (2, 1) not in keys
+    assert (1, 5) not in keys  # 4 items after: beyond the window of 3
+
+
+def neighbours_of(table, row: int) -> list[int]:  # type: ignore[no-untyped-def]
+    return table.cols[table.indptr[row]:table.indptr[row + 1]].tolist()
+
+
+def test_neighbours_are_the_markets_items_best_first_and_capped() -> None:
+    cooc = count_pairs(SESSIONS, N_ROWS, ordered=False)
+    ordered = count_pairs(SESSIONS, N_ROWS, ordered=True)
+    local = count_pairs(SESSIONS[:2], N_ROWS, ordered=False)
+    sold = np.asarray([1, 2, 3, 5], dtype=np.int64)
+    table = build_neighbours(cooc, ordered, local, sold, N_ROWS, keep=2)
+    # item 1 co-occurs with 2 (3 users), 3, 4, 5 (1 each); 4 is not sold; keep the best 2
+    assert neighbours_of(table, 1) == [2, 3]
+    assert neighbours_of(table, 6) == []  # 7 is not sold
+    at = table.indptr[1]
+    cosine = 3 / np.sqrt(3 * 3)  # users of 1 and 2: 3 each
+    assert table.values[at, PAIR_STATS.index("cooc")] == pytest.approx(cosine)
+    # local counts: sessions [1, 2, 3], [1, 2]: users of 1 and 2 are 2 each, both share
+    assert table.values[at, PAIR_STATS.index("local")] == pytest.approx(2 / 2)
+
+
+def small_ranker(spec: RankerSpec | None = None) -> tuple[MarketRanker, ItemVectors]:
+    cooc = count_pairs(SESSIONS, N_ROWS, ordered=False)
+    ordered = count_pairs(SESSIONS, N_ROWS, ordered=True)
+    sold = np.arange(1, N_ROWS, dtype=np.int64)
+    table = build_neighbours(cooc, ordered, cooc, sold, N_ROWS, keep=10)
+    spec = spec or RankerSpec(retrieve=3, expand=2)
+    n_features = len(spec.feature_names)
+    scorer = Scorer(np.zeros(n_features), np.ones(n_features),
+                    np.linspace(1.0, 0.1, n_features))
+    ranker = MarketRanker(spec, table, np.arange(N_ROWS, dtype=np.float32),
+                          cooc.item_users.astype(np.float32), scorer)
+    rng = np.random.default_rng(0)
+    rows = np.asarray([3, 1, 7, 2, 6, 4, 5], dtype=np.int64)  # an index's own order
+    position = np.full(N_ROWS, -1, dtype=np.int64)
+    position[rows] = np.arange(len(rows))
+    items = ItemVectors(rows, rng.normal(size=(len(rows), 4)).astype(np.float32), position)
+    return ranker, items
+
+
+def test_aggregate_sums_decayed_statistics_of_the_sessions_items() -> None:
+    spec = RankerSpec(aggregates=(Aggregate("cooc", 0.5), Aggregate("cooc", 0.0),
+                                  Aggregate("shared", 1.0, 0.5)), retrieve=3, expand=2)
+    ranker, items = small_ranker(spec)
+    bound = bind(ranker, items, max_len=10)
+    rows, ages = session_arrays([4, 2, 1], max_len=10)  # ages: 1 -> 0, 2 -> 1, 4 -> 2
+    keys, sums = aggregate(bound, rows, ages)
+    table = ranker.neighbours
+
+    def stat(i: int, j: int, name: str) -> float:
+        cols = neighbours_of(table, i)
+        return float(table.values[table.indptr[i] + cols.index(j), PAIR_STATS.index(name)]) \
+            if j in cols else 0.0
+
+    users = np.maximum(ranker.global_pop, 1)
+    for key, total in zip(keys.tolist(), sums, strict=True):
+        j = int(items.rows[key])
+        age = {1: 0, 2: 1, 4: 2}
+        expected = [
+            sum(0.5 ** a * stat(i, j, "cooc") for i, a in age.items()),
+            stat(1, j, "cooc"),
+            sum(stat(i, j, "shared") * (users[j] / users[i]) ** 0.5 for i in age),
+        ]
+        assert total == pytest.approx(expected, rel=1e-5)
+    assert sorted(items.rows[keys].tolist()) == [1, 2, 3, 4, 5]  # 6, 7 never co-occur
+
+
+def test_rank_session_ranks_hits_and_neighbours_minus_the_session() -> None:
+    ranker, items = small_ranker()
+    bound = bind(ranker, items, max_len=10)
+    user = np.ones(4, dtype=np.float32)
+    ranked = rank_session(bound, [1, 2], user, np.asarray([6, 7, -1]), None, [1, 2], k=10)
+    rows = [row for row, _ in ranked]
+    assert set(rows) == {6, 7, 3, 4}  # hits 6, 7 and the top-2 neighbours 3, 4 (or 5)
+    assert not {1, 2} & set(rows)
+    scores = [score for _, score in ranked]
+    assert scores == sorted(scores, reverse=True)
+    # Explicit candidates: exactly those, minus the session and items not sold (0 = padding)
+    explicit = rank_session(bound, [1, 2], user, None, [5, 2, 0, 7], [1, 2], k=10)
+    assert {row for row, _ in explicit} == {5, 7}
+    assert rank_session(bound, [1, 2], user, None, [1], [1, 2], k=10) == []
+
+
+def test_rank_session_breaks_equal_scores_by_row() -> None:
+    ranker, items = small_ranker()
+    n_features = len(ranker.spec.feature_names)
+    flat = MarketRanker(ranker.spec, ranker.neighbours, ranker.pop, ranker.global_pop,
+                        Scorer(np.zeros(n_features), np.ones(n_features), np.zeros(n_features)))
+    bound = bind(flat, items, max_len=10)
+    ranked = rank_session(bound, [1], np.ones(4, np.float32), None, [7, 3, 5, 6], [1], k=3)
+    assert [row for row, _ in ranked] == [3, 5, 6]
+
+
+def test_fit_scorer_learns_which_feature_points_at_the_target() -> None:
+    rng = np.random.default_rng(1)
+    examples = []
+    for _ in range(200):
+        features = rng.normal(size=(30, 3))
+        target = int(rng.integers(30))
+        features[target, 1] += 3.0  # feature 1 carries the signal, 0 and 2 are noise
+        examples.append((features, target))
+    scorer = fit_scorer(examples, steps=50)
+    assert scorer.weights[1] > 5 * max(abs(scorer.weights[0]), abs(scorer.weights[2]))
+    oracle = sum(int(np.argmax(f[:, 1]) == t) for f, t in examples)  # feature 1 alone
+    assert sum(int(np.argmax(scorer.score(f)) == t) for f, t in examples) >= oracle - 2
+    hidden = fit_scorer(examples, hidden=4, steps=50)
+    assert sum(int(np.argmax(hidden.score(f)) == t) for f, t in examples) >= oracle - 10
+
+
+def test_ranker_files_round_trip_and_refuse_what_does_not_fit(tmp_path: Path) -> None:
+    ranker, items = small_ranker()
+    save_ranker(tmp_path, ranker, "a" * 64, {"valid_users": 3})
+    loaded = load_ranker(tmp_path, "a" * 64, N_ROWS)
+    assert loaded is not None
+    user = np.ones(4, dtype=np.float32)
+    before = rank_session(bind(ranker, items, 10), [1, 2], user, np.asarray([6]), None, [], 5)
+    after = rank_session(bind(loaded, items, 10), [1, 2], user, np.asarray([6]), None, [], 5)
+    assert before == after
+    assert load_ranker(tmp_path / "nothing", "a" * 64, N_ROWS) is None
+    with pytest.raises(RankerError, match="fitted for weights aaaaaaaaaaaa"):
+        load_ranker(tmp_path, "b" * 64, N_ROWS)
+    with pytest.raises(RankerError, match="does not fit a vocabulary of 9 rows"):
+        load_ranker(tmp_path, "a" * 64, N_ROWS + 1)
+    table = next(tmp_path.glob("neighbours-*.npz"))
+    table.write_bytes(table.read_bytes()[:-10])
+    with pytest.raises(RankerError, match=f"{table.name}: sha256 does not match"):
+        load_ranker(tmp_path, "a" * 64, N_ROWS)
+    manifest = tmp_path / "ranker.json"
+    data = json.loads(manifest.read_text())
+    data["neighbours_file"] = "../elsewhere.npz"
+    manifest.write_text(json.dumps(data))
+    with pytest.raises(RankerError, match="bad neighbours_file"):
+        load_ranker(tmp_path, "a" * 64, N_ROWS)
+    manifest.write_text("{not json")
+    with pytest.raises(RankerError, match="ranker.json: unreadable"):
+        load_ranker(tmp_path, "a" * 64, N_ROWS)
+
+
+def test_bind_refuses_a_table_naming_items_the_index_lacks() -> None:
+    ranker, items = small_ranker()
+    fewer = ItemVectors(items.rows[:3], items.vectors[:3],
+                        np.where(items.position < 3, items.position, -1))
+    with pytest.raises(ValueError, match="does not hold"):
+        bind(ranker, fewer, max_len=10)

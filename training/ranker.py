@@ -1,0 +1,579 @@
+"""The served ranking's second stage: what `POST /markets/{m}/recommend` returns and what the
+harness scores as `served`, computed by the one function `rank_session`.
+
+Candidates are the model's inner-product top-N (the market's index) together with the items
+that co-occur most with the session (recency-weighted), minus the session's own items. Each
+candidate gets features: the model score, recency-weighted sums of item-to-item statistics
+(cosine co-occurrence over all markets, in-order transitions, the market's own co-occurrence)
+and the market's and all markets' popularity. A small scorer fitted on validation items only
+(`fit_scorer`) turns them into the served score. numpy only: the service imports this module on
+hosts without torch (fitting imports torch itself).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import uuid
+import zipfile
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+# Item-to-item statistics stored per neighbour pair (i in the session, j a candidate):
+# "cooc"  |users with i and j| / sqrt(|users with i| |users with j|), all markets;
+# "next"  |users with j within NEXT_WINDOW items after i| / sqrt(..), all markets;
+# "local" the cosine co-occurrence of the market alone;
+# "shared" as "cooc", each user weighted by 1 / (their distinct items - 1).
+PAIR_STATS = ("cooc", "next", "local", "shared")
+NEXT_WINDOW = 3
+
+
+@dataclass(frozen=True)
+class Aggregate:
+    """A session-level sum over the session's items t of decay**age_t * stat(item_t, j);
+    `decay` 0 keeps the newest item only. `pop_shift` > 0 multiplies each term by
+    (n_j / n_i) ** pop_shift (global counts): it favours the more popular of two neighbours."""
+
+    stat: str
+    decay: float
+    pop_shift: float = 0.0
+
+    @property
+    def name(self) -> str:
+        shift = f"~p{self.pop_shift:g}" if self.pop_shift else ""
+        return f"{self.stat}@{self.decay:g}{shift}"
+
+
+@dataclass(frozen=True)
+class RankerSpec:
+    """What the ranker computes: its candidates and its features (in order)."""
+
+    aggregates: tuple[Aggregate, ...] = (
+        Aggregate("cooc", 1.0),
+        Aggregate("cooc", 0.6),
+        Aggregate("cooc", 0.3),
+        Aggregate("cooc", 0.0),
+        Aggregate("cooc", 0.6, 0.2),
+        Aggregate("next", 0.6),
+        Aggregate("local", 0.6),
+    )
+    retrieve: int = 200  # the model's candidates (inner-product top-N)
+    expand: int = 200  # co-occurrence candidates, by the `expand_by` aggregate
+    expand_by: int = 1  # index into `aggregates`
+    neighbours: int = 100  # most similar items kept per item (by "cooc")
+    profile_decay: float = 0.6  # "item_sim": v(j) . the decay-weighted mean of v(session items)
+
+    @property
+    def feature_names(self) -> tuple[str, ...]:
+        names = ["model", "log_pop", "log_global_pop", "item_sim"]
+        for aggregate in self.aggregates:
+            names += [aggregate.name, f"log({aggregate.name})"]
+        return tuple(names)
+
+
+@dataclass(frozen=True)
+class Neighbours:
+    """Each item row's most co-occurring items sold in one market, as CSR arrays: the
+    neighbours of row i are cols[indptr[i]:indptr[i+1]] (item rows) with their PAIR_STATS in
+    values. This is the stored form; `bind` turns it into positions of a market's index."""
+
+    indptr: np.ndarray  # (n_rows + 1,) int64
+    cols: np.ndarray  # (nnz,) int64 item rows
+    values: np.ndarray  # (nnz, len(PAIR_STATS)) float32
+
+
+@dataclass(frozen=True)
+class Scorer:
+    """A fitted scorer over standardised features: a linear model, or one hidden tanh layer
+    when `hidden` weights are present. score = w2 . tanh(W1 z + b1) (+ b2, irrelevant to order)
+    or w . z, with z = (features - mean) / scale."""
+
+    mean: np.ndarray  # (F,)
+    scale: np.ndarray  # (F,)
+    weights: np.ndarray  # (F,) linear, or (H,) output weights with a hidden layer
+    hidden_weights: np.ndarray | None = None  # (H, F)
+    hidden_bias: np.ndarray | None = None  # (H,)
+
+    def score(self, features: np.ndarray) -> np.ndarray:
+        """(C, F) -> (C,) float64."""
+        z = (features - self.mean) / self.scale
+        if self.hidden_weights is not None and self.hidden_bias is not None:
+            z = np.tanh(z @ self.hidden_weights.T + self.hidden_bias)
+        return z @ self.weights
+
+
+@dataclass(frozen=True)
+class MarketRanker:
+    """What one market's second stage needs besides the model's vectors, as stored: the
+    neighbour table and popularity by item row, the spec and the fitted scorer."""
+
+    spec: RankerSpec
+    neighbours: Neighbours
+    pop: np.ndarray  # (n_rows,) float32: the market's training interactions per item
+    global_pop: np.ndarray  # (n_rows,) float32: users of the item in all markets' training
+    scorer: Scorer
+
+
+@dataclass(frozen=True)
+class ItemVectors:
+    """The market's items and their vectors v_m(i), as the index holds them."""
+
+    rows: np.ndarray  # (N,) item rows sold in the market
+    vectors: np.ndarray  # (N, D) float32
+    position: np.ndarray  # (n_rows,) index of each row in `rows`, -1 where not sold
+
+
+@dataclass(frozen=True)
+class BoundRanker:
+    """A MarketRanker joined to a market's ItemVectors: candidates are index positions (0..N),
+    so every per-request sum is a dense array over the market's items."""
+
+    ranker: MarketRanker
+    items: ItemVectors
+    cols: np.ndarray  # (nnz,) int64 positions of the neighbours in `items`
+    stat_of: np.ndarray  # (A,) int64: each aggregate's column in the neighbour values
+    weights: np.ndarray  # (max_len, A) float64: decay ** age of each aggregate
+    shifted: np.ndarray  # (A',) int64: the aggregates with a pop_shift
+    shifts: np.ndarray  # (A',) float64: their pop_shift
+    log_pop: np.ndarray  # (N,) float64 by position
+    log_global_pop: np.ndarray  # (N,) float64 by position
+    log_users: np.ndarray  # (n_rows,) float64: log max(1, users of each row), for pop_shift
+
+    @property
+    def spec(self) -> RankerSpec:
+        return self.ranker.spec
+
+
+def bind(ranker: MarketRanker, items: ItemVectors, max_len: int) -> BoundRanker:
+    """Join a ranker to the index it serves with; every neighbour must be sold there."""
+    cols = items.position[ranker.neighbours.cols]
+    if len(cols) and cols.min() < 0:
+        raise ValueError("the neighbour table names items the market's index does not hold")
+    spec = ranker.spec
+    decays = np.asarray([a.decay for a in spec.aggregates], dtype=np.float64)
+    shifts = np.asarray([a.pop_shift for a in spec.aggregates], dtype=np.float64)
+    return BoundRanker(
+        ranker, items, cols.astype(np.int64),
+        np.asarray([PAIR_STATS.index(a.stat) for a in spec.aggregates], dtype=np.int64),
+        decays[None, :] ** np.arange(max_len, dtype=np.float64)[:, None],  # 0 ** 0 = 1
+        np.flatnonzero(shifts), shifts[shifts != 0],
+        np.log1p(ranker.pop[items.rows].astype(np.float64)),
+        np.log1p(ranker.global_pop[items.rows].astype(np.float64)),
+        np.log(np.maximum(ranker.global_pop.astype(np.float64), 1.0)),
+    )
+
+
+def session_arrays(session: Sequence[int], max_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """The session's last `max_len` distinct rows (newest occurrence kept) and their ages
+    (0 = newest)."""
+    seen: dict[int, int] = {}
+    tail = list(session)[-max_len:]
+    for age, row in enumerate(reversed(tail)):
+        seen.setdefault(row, age)
+    rows = np.fromiter(seen.keys(), dtype=np.int64, count=len(seen))
+    ages = np.fromiter(seen.values(), dtype=np.int64, count=len(seen))
+    return rows, ages
+
+
+def aggregate(bound: BoundRanker, rows: np.ndarray, ages: np.ndarray
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """Every market item co-occurring with the session: (U,) sorted positions and (U, A) the
+    aggregates' sums. Sparse on purpose: a request touches a few hundred neighbours, and a
+    dense array over the market's items costs more to allocate than to fill."""
+    table = bound.ranker.neighbours
+    starts, ends = table.indptr[rows], table.indptr[rows + 1]
+    lengths = ends - starts  # (T,)
+    entries = np.arange(int(lengths.sum()), dtype=np.int64) + np.repeat(
+        starts - np.cumsum(lengths) + lengths, lengths)  # (E,)
+    owner = np.repeat(np.arange(len(rows)), lengths)  # (E,) the session item of each entry
+    contribution = table.values[entries][:, bound.stat_of] * bound.weights[ages[owner]]  # (E, A)
+    if len(bound.shifted):  # (n_j / n_i) ** shift, as exp(shift * (log n_j - log n_i))
+        gap = bound.log_users[table.cols[entries]] - bound.log_users[rows][owner]  # (E,)
+        contribution[:, bound.shifted] *= np.exp(gap[:, None] * bound.shifts[None, :])
+    cols = bound.cols[entries]
+    order = np.argsort(cols, kind="stable")
+    cols = cols[order]
+    first = np.flatnonzero(np.concatenate(([True], cols[1:] != cols[:-1]))) if len(cols) else \
+        np.zeros(0, dtype=np.int64)
+    if not len(first):
+        return cols, np.zeros((0, len(bound.stat_of)), dtype=np.float64)
+    return cols[first], np.add.reduceat(contribution[order], first, axis=0)
+
+
+def profile(bound: BoundRanker, rows: np.ndarray, ages: np.ndarray) -> np.ndarray:
+    """(D,) the decay-weighted mean of the vectors of the session's items sold in the market
+    (zero when none is)."""
+    at = bound.items.position[rows]
+    sold = at >= 0
+    if not sold.any():
+        return np.zeros(bound.items.vectors.shape[1], dtype=np.float32)
+    weights = bound.spec.profile_decay ** ages[sold].astype(np.float64)
+    return (weights / weights.sum()).astype(np.float32) @ bound.items.vectors[at[sold]]
+
+
+def features(bound: BoundRanker, user: np.ndarray, taste: np.ndarray, pool: np.ndarray,
+             keys: np.ndarray, sums: np.ndarray) -> np.ndarray:
+    """(C, F) features of candidate positions, in RankerSpec.feature_names order; `taste` is
+    the session's `profile`."""
+    agg = np.zeros((len(pool), sums.shape[1]), dtype=np.float64)  # (C, A)
+    if len(keys):
+        at = np.minimum(np.searchsorted(keys, pool), len(keys) - 1)
+        found = keys[at] == pool
+        agg[found] = sums[at[found]]
+    vectors = bound.items.vectors[pool]  # (C, D)
+    out = np.empty((len(pool), 4 + 2 * agg.shape[1]), dtype=np.float64)
+    out[:, 0] = vectors @ user.astype(np.float32)
+    out[:, 1] = bound.log_pop[pool]
+    out[:, 2] = bound.log_global_pop[pool]
+    out[:, 3] = vectors @ taste
+    out[:, 4::2] = agg
+    out[:, 5::2] = np.log1p(10.0 * agg)
+    return out
+
+
+def candidate_pool(bound: BoundRanker, hits: np.ndarray, keys: np.ndarray, sums: np.ndarray,
+                   excluded: np.ndarray) -> np.ndarray:
+    """Sorted positions: the model's hits (item rows; FAISS misses -1 dropped) and the
+    `expand` items co-occurring most with the session, minus `excluded` rows."""
+    spec = bound.spec
+    n = len(bound.items.rows)
+    dropped = np.zeros(n + 1, dtype=bool)  # the last slot takes the -1 of unsold rows
+    dropped[bound.items.position[excluded]] = True
+    keep = ~dropped[keys]  # the session's own items take no co-occurrence slot
+    linked, by = keys[keep], sums[keep, spec.expand_by]
+    if len(linked) > spec.expand:
+        linked = linked[np.argpartition(-by, spec.expand - 1)[: spec.expand]]
+    taken = np.zeros(n + 1, dtype=bool)
+    taken[bound.items.position[hits[hits >= 0]]] = True
+    taken[linked] = True
+    taken &= ~dropped
+    return np.flatnonzero(taken[:n])
+
+
+def rank_session(bound: BoundRanker, session: Sequence[int], user: np.ndarray,
+                 hits: np.ndarray | None, candidates: Sequence[int] | None,
+                 excluded: Iterable[int], k: int) -> list[tuple[int, float]]:
+    """The served top-k (item row, score) of one session, best first.
+
+    `hits` are the model's retrieved rows (the index's top `spec.retrieve`, -1 for misses);
+    with explicit `candidates` (rows sold in the market) only those are ranked and `hits` is
+    not used. `excluded` rows are never returned. Equal scores are ordered by row."""
+    rows, ages = session_arrays(session, len(bound.weights))
+    keys, sums = aggregate(bound, rows, ages)
+    excluded_rows = np.fromiter(excluded, dtype=np.int64)
+    if candidates is not None:
+        n = len(bound.items.rows)
+        taken = np.zeros(n + 1, dtype=bool)  # the last slot takes the -1 of unsold rows
+        taken[bound.items.position[np.fromiter(candidates, dtype=np.int64)]] = True
+        taken[bound.items.position[excluded_rows]] = False
+        pool = np.flatnonzero(taken[:n])
+    else:
+        assert hits is not None
+        pool = candidate_pool(bound, np.asarray(hits, dtype=np.int64), keys, sums,
+                              excluded_rows)
+    if not len(pool):
+        return []
+    taste = profile(bound, rows, ages)
+    scores = bound.ranker.scorer.score(features(bound, user, taste, pool, keys, sums))  # (C,)
+    found = bound.items.rows[pool]
+    order = np.lexsort((found, -scores))[:k]
+    return [(int(found[i]), float(scores[i])) for i in order.tolist()]
+
+
+@dataclass(frozen=True)
+class PairCounts:
+    """Users per item pair, as sorted keys (i * n_rows + j, i != j), plain and weighted by
+    1 / (session length - 1) (a user's pairs share one unit: long sessions say less about
+    each pair), and users per item."""
+
+    keys: np.ndarray  # (P,) int64, sorted
+    users: np.ndarray  # (P,) float64
+    weighted: np.ndarray  # (P,) float64
+    item_users: np.ndarray  # (n_rows,) int64
+
+    def lookup(self, keys: np.ndarray, weighted: bool = False) -> np.ndarray:
+        """Users (or weighted users) of each pair key (0 where the pair never occurs)."""
+        if not len(self.keys):
+            return np.zeros(len(keys), dtype=np.float64)
+        at = np.minimum(np.searchsorted(self.keys, keys), len(self.keys) - 1)
+        values = self.weighted if weighted else self.users
+        return np.where(self.keys[at] == keys, values[at], 0.0)
+
+
+def count_pairs(sequences: Sequence[Sequence[int]], n_rows: int, ordered: bool) -> PairCounts:
+    """Users per item pair: any two items of a session, or with `ordered` j within
+    NEXT_WINDOW items after i. A user counts once per pair."""
+    item_users = np.zeros(n_rows, dtype=np.int64)
+    chunks: list[np.ndarray] = []
+    shares: list[np.ndarray] = []
+    for seq in sequences:
+        s = np.asarray(seq, dtype=np.int64)
+        distinct = np.unique(s)
+        item_users[distinct] += 1
+        if len(s) < 2:
+            continue
+        a, b = np.meshgrid(np.arange(len(s)), np.arange(len(s)), indexing="ij")
+        pair = ((b > a) & (b - a <= NEXT_WINDOW)) if ordered else (a != b)
+        keys = np.unique(s[a[pair]] * n_rows + s[b[pair]])
+        keys = keys[keys // n_rows != keys % n_rows]
+        chunks.append(keys)
+        shares.append(np.full(len(keys), 1.0 / max(len(distinct) - 1, 1)))
+    if not chunks:
+        empty = np.zeros(0, dtype=np.int64)
+        return PairCounts(empty, empty.astype(np.float64), empty.astype(np.float64),
+                          item_users)
+    keys, inverse = np.unique(np.concatenate(chunks), return_inverse=True)
+    users = np.bincount(inverse, minlength=len(keys)).astype(np.float64)
+    weighted = np.bincount(inverse, weights=np.concatenate(shares), minlength=len(keys))
+    return PairCounts(keys, users, weighted, item_users)
+
+
+def _cosine(pairs: PairCounts, keys: np.ndarray, n_rows: int, weighted: bool = False
+            ) -> np.ndarray:
+    i, j = keys // n_rows, keys % n_rows
+    norm = np.sqrt(np.maximum(pairs.item_users[i], 1) * np.maximum(pairs.item_users[j], 1))
+    return pairs.lookup(keys, weighted) / norm
+
+
+def build_neighbours(cooc: PairCounts, ordered: PairCounts, local: PairCounts,
+                     market_items: np.ndarray, n_rows: int, keep: int) -> Neighbours:
+    """The market's neighbour table: for each item row, its `keep` most co-occurring items
+    (by "cooc", all markets) among `market_items`, with the PAIR_STATS ("next" from the
+    `ordered` counts of all markets, "local" from the market's own counts)."""
+    sold = np.zeros(n_rows, dtype=bool)
+    sold[market_items] = True
+    keys = cooc.keys[sold[cooc.keys % n_rows]]  # sorted: by i, then j
+    values = np.stack([_cosine(cooc, keys, n_rows), _cosine(ordered, keys, n_rows),
+                       _cosine(local, keys, n_rows), _cosine(cooc, keys, n_rows, weighted=True)],
+                      axis=1).astype(np.float32)  # (P, S)
+    i, j = keys // n_rows, keys % n_rows
+    # Keep each row's `keep` best by cooc (ties: lower row first).
+    order = np.lexsort((j, -values[:, 0], i))
+    i, j, values = i[order], j[order], values[order]
+    rank_in_row = np.arange(len(i)) - np.searchsorted(i, i, side="left")
+    kept = rank_in_row < keep
+    i, j, values = i[kept], j[kept], values[kept]
+    indptr = np.zeros(n_rows + 1, dtype=np.int64)
+    np.add.at(indptr, i + 1, 1)
+    return Neighbours(np.cumsum(indptr), j.astype(np.int64), values)
+
+
+def fit_scorer(examples: Sequence[tuple[np.ndarray, int]], hidden: int = 0, l2: float = 1e-3,
+               steps: int = 100, seed: int = 0) -> Scorer:
+    """Fit a scorer by softmax cross-entropy of each example's target among its candidates
+    (full-batch L-BFGS; an L2 penalty on the weights).
+
+    `examples` are (features (C, F), index of the target among the C candidates); an example
+    whose target was not retrieved cannot teach the order and is left out by the caller."""
+    import torch  # fitting only: serving scores with numpy
+
+    if not examples:
+        raise ValueError("no examples to fit the ranker on (no validation targets retrieved)")
+    stacked = np.concatenate([f for f, _ in examples]).astype(np.float32)  # (total, F)
+    mean = stacked.mean(0, dtype=np.float64)
+    scale = np.maximum(stacked.std(0, dtype=np.float64), 1e-6)
+    x = torch.from_numpy(((stacked - mean) / scale).astype(np.float32))
+    sizes = torch.as_tensor([len(f) for f, _ in examples])
+    segment = torch.repeat_interleave(torch.arange(len(examples)), sizes)  # (total,)
+    starts = torch.cumsum(sizes, 0) - sizes
+    target = starts + torch.as_tensor([t for _, t in examples])  # (E,) rows of the targets
+    generator = torch.Generator().manual_seed(seed)
+    n_features = x.shape[1]
+    first = (torch.randn(hidden, n_features, generator=generator)
+             / math.sqrt(n_features)).requires_grad_() if hidden else None
+    bias = torch.zeros(hidden, requires_grad=True) if hidden else None
+    out = torch.zeros(hidden or n_features, requires_grad=True)
+    params = [p for p in (first, bias, out) if p is not None]
+
+    def loss_fn() -> torch.Tensor:
+        z = torch.tanh(x @ first.T + bias) if first is not None and bias is not None else x
+        scores = z @ out  # (total,)
+        top = torch.full((len(examples),), -math.inf, dtype=scores.dtype).scatter_reduce(
+            0, segment, scores, "amax")
+        total = torch.zeros(len(examples), dtype=scores.dtype).index_add(
+            0, segment, torch.exp(scores - top[segment]))
+        nll = (torch.log(total) + top - scores[target]).mean()
+        return nll + l2 * sum((p ** 2).sum() for p in params if p is not bias)
+
+    optimizer = torch.optim.LBFGS(params, lr=1.0, max_iter=steps, history_size=20,
+                                  line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = loss_fn()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return Scorer(
+        mean=mean, scale=scale, weights=out.detach().double().numpy(),
+        hidden_weights=None if first is None else first.detach().double().numpy(),
+        hidden_bias=None if bias is None else bias.detach().double().numpy(),
+    )
+
+
+# ---- files: `ranker.json` (the spec, the fitted scorer, what it is tied to) and
+# `neighbours-<sha12>.npz` (the market's neighbour table and popularity), both written by
+# `xmr train` into the market's checkpoint directory.
+
+RANKER_MANIFEST = "ranker.json"
+SCHEMA_VERSION = 1
+
+
+class RankerError(ValueError):
+    """A ranker file that is missing, corrupt or not made for the checkpoint beside it; the
+    message names the file."""
+
+
+def _spec_json(spec: RankerSpec) -> dict[str, Any]:
+    return {
+        "aggregates": [
+            {"stat": a.stat, "decay": a.decay, "pop_shift": a.pop_shift} for a in spec.aggregates
+        ],
+        "retrieve": spec.retrieve, "expand": spec.expand, "expand_by": spec.expand_by,
+        "neighbours": spec.neighbours, "profile_decay": spec.profile_decay,
+    }
+
+
+def _spec_from_json(data: dict[str, Any]) -> RankerSpec:
+    aggregates = tuple(Aggregate(str(a["stat"]), float(a["decay"]), float(a["pop_shift"]))
+                       for a in data["aggregates"])
+    unknown = [a.stat for a in aggregates if a.stat not in PAIR_STATS]
+    if unknown:
+        raise ValueError(f"unknown statistic(s) {unknown}; known {list(PAIR_STATS)}")
+    spec = RankerSpec(aggregates, int(data["retrieve"]), int(data["expand"]),
+                      int(data["expand_by"]), int(data["neighbours"]), float(data["profile_decay"]))
+    if not 0 <= spec.expand_by < len(aggregates):
+        raise ValueError(f"expand_by {spec.expand_by} is not an aggregate's index")
+    return spec
+
+
+def _scorer_json(scorer: Scorer) -> dict[str, Any]:
+    return {
+        "mean": scorer.mean.tolist(), "scale": scorer.scale.tolist(),
+        "weights": scorer.weights.tolist(),
+        "hidden_weights": None if scorer.hidden_weights is None
+        else scorer.hidden_weights.tolist(),
+        "hidden_bias": None if scorer.hidden_bias is None else scorer.hidden_bias.tolist(),
+    }
+
+
+def _scorer_from_json(data: dict[str, Any], n_features: int) -> Scorer:
+    def array(value: Any) -> np.ndarray:
+        return np.asarray(value, dtype=np.float64)
+
+    def optional(value: Any) -> np.ndarray | None:
+        return None if value is None else array(value)
+
+    scorer = Scorer(array(data["mean"]), array(data["scale"]), array(data["weights"]),
+                    optional(data["hidden_weights"]), optional(data["hidden_bias"]))
+    hidden = scorer.hidden_weights
+    expected_out = n_features if hidden is None else hidden.shape[0]
+    if (scorer.mean.shape != (n_features,) or scorer.scale.shape != (n_features,)
+            or scorer.weights.shape != (expected_out,)
+            or (hidden is not None and (hidden.shape[1] != n_features or scorer.hidden_bias is None
+                                        or scorer.hidden_bias.shape != (expected_out,)))):
+        raise ValueError(f"scorer shapes do not fit {n_features} features")
+    if not all(np.isfinite(a).all() for a in (scorer.mean, scorer.scale, scorer.weights)):
+        raise ValueError("scorer holds non-finite numbers")
+    return scorer
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def save_ranker(market_dir: Path, ranker: MarketRanker, weights_sha256: str,
+                fitted: dict[str, Any]) -> Path:
+    """Write `neighbours-<sha12>.npz`, then atomically `ranker.json` naming it and the market
+    checkpoint's weights; files of earlier rankers go."""
+    tmp = market_dir / f".neighbours-{uuid.uuid4().hex[:8]}.tmp.npz"
+    try:
+        with tmp.open("wb") as f:
+            np.savez(f, indptr=ranker.neighbours.indptr, cols=ranker.neighbours.cols,
+                     values=ranker.neighbours.values, pop=ranker.pop,
+                     global_pop=ranker.global_pop)
+        sha = _sha256(tmp)
+        name = f"neighbours-{sha[:12]}.npz"
+        os.replace(tmp, market_dir / name)
+    finally:
+        tmp.unlink(missing_ok=True)
+    manifest = {
+        "schema_version": SCHEMA_VERSION, "weights_sha256": weights_sha256,
+        "neighbours_file": name, "neighbours_sha256": sha, "n_rows": len(ranker.pop),
+        "spec": _spec_json(ranker.spec), "features": list(ranker.spec.feature_names),
+        "scorer": _scorer_json(ranker.scorer), "fitted": fitted,
+    }
+    tmp_manifest = market_dir / f".{RANKER_MANIFEST}.{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        tmp_manifest.write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
+        os.replace(tmp_manifest, market_dir / RANKER_MANIFEST)
+    finally:
+        tmp_manifest.unlink(missing_ok=True)
+    for old in market_dir.glob("neighbours-*.npz"):
+        if old.name != name:
+            old.unlink(missing_ok=True)
+    return market_dir / RANKER_MANIFEST
+
+
+def load_ranker(market_dir: Path, weights_sha256: str, n_rows: int) -> MarketRanker | None:
+    """The market's ranker, checked against the checkpoint's weights and vocabulary; None
+    where the directory holds no `ranker.json` (the model's own ranking then serves)."""
+    path = market_dir / RANKER_MANIFEST
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise RankerError(f"{path}: unreadable ({e})") from e
+    if not isinstance(data, dict) or data.get("schema_version") != SCHEMA_VERSION:
+        version = data.get("schema_version") if isinstance(data, dict) else None
+        raise RankerError(f"{path}: schema_version {version!r}, this reader knows "
+                          f"{SCHEMA_VERSION}; retrain with `xmr train`")
+    if data.get("weights_sha256") != weights_sha256:
+        raise RankerError(f"{path}: fitted for weights {str(data.get('weights_sha256'))[:12]}, "
+                          f"but the checkpoint holds {weights_sha256[:12]}; retrain with "
+                          "`xmr train`")
+    try:
+        spec = _spec_from_json(data["spec"])
+        scorer = _scorer_from_json(data["scorer"], len(spec.feature_names))
+        name = str(data["neighbours_file"])
+        sha = str(data["neighbours_sha256"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise RankerError(f"{path}: invalid ranker manifest ({e!r})") from e
+    file = market_dir / name
+    if file.parent != market_dir or not (name.startswith("neighbours-")
+                                         and name.endswith(".npz")):
+        raise RankerError(f"{path}: bad neighbours_file {name!r}")
+    if not file.is_file():
+        raise RankerError(f"{file}: missing (named by {RANKER_MANIFEST})")
+    if _sha256(file) != sha:
+        raise RankerError(f"{file}: sha256 does not match {RANKER_MANIFEST} (corrupt file)")
+    try:
+        with np.load(file, allow_pickle=False) as arrays:
+            table = {key: arrays[key] for key in ("indptr", "cols", "values", "pop",
+                                                  "global_pop")}
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
+        raise RankerError(f"{file}: unreadable neighbour table ({e!r})") from e
+    indptr, cols, values = table["indptr"], table["cols"], table["values"]
+    if (indptr.shape != (n_rows + 1,) or indptr[0] != 0 or np.any(np.diff(indptr) < 0)
+            or cols.ndim != 1 or indptr[-1] != len(cols)
+            or values.shape != (len(cols), len(PAIR_STATS))
+            or (len(cols) and (cols.min() < 1 or cols.max() >= n_rows))
+            or table["pop"].shape != (n_rows,) or table["global_pop"].shape != (n_rows,)
+            or not np.isfinite(values).all()):
+        raise RankerError(f"{file}: neighbour table does not fit a vocabulary of {n_rows} rows")
+    neighbours = Neighbours(indptr.astype(np.int64), cols.astype(np.int64),
+                            values.astype(np.float32))
+    return MarketRanker(spec, neighbours, table["pop"].astype(np.float32),
+                        table["global_pop"].astype(np.float32), scorer)

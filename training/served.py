@@ -1,0 +1,246 @@
+"""The served ranking on the training side: each market's ranker built from the training
+sessions and fitted on validation items only (`fit_rankers`, run by `xmr train` and by the
+harness), and `ServedScorer`, the harness's view of what `POST /markets/{m}/recommend`
+returns. Both rank through `training.ranker.rank_session`, the function the service calls.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+
+from training.config import RankerConfig
+from training.evaluate import encode_sessions
+from training.metrics import ndcg
+from training.model import Bert4XMR
+from training.ranker import (
+    BoundRanker,
+    ItemVectors,
+    MarketRanker,
+    PairCounts,
+    RankerSpec,
+    Scorer,
+    aggregate,
+    bind,
+    build_neighbours,
+    candidate_pool,
+    count_pairs,
+    features,
+    fit_scorer,
+    profile,
+    rank_session,
+    session_arrays,
+)
+from training.split import MarketSplit
+
+logger = logging.getLogger(__name__)
+
+UNFITTED = Scorer(np.zeros(0), np.ones(0), np.zeros(0))  # a placeholder until fitted
+
+
+def ranker_spec(config: RankerConfig) -> RankerSpec:
+    return RankerSpec(retrieve=config.retrieve, expand=config.expand,
+                      neighbours=config.neighbours)
+
+
+def item_vectors(model: Bert4XMR, market_row: int, market_items: np.ndarray) -> ItemVectors:
+    """The market's items and their vectors v_m(i), exactly as `xmr index build` indexes them."""
+    with torch.inference_mode():
+        vectors = model.item_vectors(market_row).float().cpu().numpy()  # (n_rows, D)
+    rows = np.asarray(market_items, dtype=np.int64)
+    position = np.full(model.config.n_rows, -1, dtype=np.int64)
+    position[rows] = np.arange(len(rows))
+    return ItemVectors(rows, np.ascontiguousarray(vectors[rows], dtype=np.float32), position)
+
+
+def retrieve(items: ItemVectors, users: np.ndarray, depth: int) -> np.ndarray:
+    """The rows of each user's exact inner-product top-`depth` (B, depth), as the market's
+    flat index returns them (in no particular order; the ranker uses the set)."""
+    scores = users.astype(np.float32) @ items.vectors.T  # (B, N)
+    if depth >= scores.shape[1]:
+        return np.broadcast_to(items.rows, scores.shape).copy()
+    top = np.argpartition(-scores, depth - 1, axis=1)[:, :depth]  # (B, depth)
+    return items.rows[top]
+
+
+@dataclass(frozen=True)
+class AllMarkets:
+    """Item-pair counts over every market's training sessions (what the rankers share)."""
+
+    cooc: PairCounts
+    ordered: PairCounts
+
+    @classmethod
+    def count(cls, splits: Sequence[MarketSplit], n_rows: int) -> AllMarkets:
+        sequences = [seq for split in splits for seq in split.train]
+        return cls(count_pairs(sequences, n_rows, ordered=False),
+                   count_pairs(sequences, n_rows, ordered=True))
+
+
+def market_ranker(split: MarketSplit, shared: AllMarkets, n_rows: int, spec: RankerSpec,
+                  scorer: Scorer = UNFITTED, sold: np.ndarray | None = None) -> MarketRanker:
+    """The market's ranker over the items its index holds (`sold`, by default the split's
+    market items)."""
+    local = count_pairs(split.train, n_rows, ordered=False)
+    items = split.market_items if sold is None else sold
+    neighbours = build_neighbours(shared.cooc, shared.ordered, local, items, n_rows,
+                                  spec.neighbours)
+    return MarketRanker(spec, neighbours, split.train_counts(n_rows).astype(np.float32),
+                        shared.cooc.item_users.astype(np.float32), scorer)
+
+
+@dataclass(frozen=True)
+class Examples:
+    """One market's fitting examples: features of each validation user's candidates and the
+    target's index among them (users whose target was not retrieved are counted, not kept)."""
+
+    examples: list[tuple[np.ndarray, int]]
+    n_users: int
+
+    @property
+    def recall(self) -> float:
+        return len(self.examples) / self.n_users if self.n_users else 0.0
+
+
+def validation_examples(bound: BoundRanker, model: Bert4XMR, split: MarketSplit,
+                        market_row: int, device: str = "cpu", max_users: int | None = None,
+                        seed: int = 0) -> Examples:
+    """Candidates and features of each validation user (at most `max_users`, a seeded
+    sample), as the service would compute them."""
+    sessions = split.history("valid")
+    targets = split.targets("valid")
+    chosen = np.arange(len(sessions))
+    if max_users is not None and len(sessions) > max_users:
+        rng = np.random.default_rng([seed, len(sessions)])
+        chosen = np.sort(rng.choice(len(sessions), size=max_users, replace=False))
+    out: list[tuple[np.ndarray, int]] = []
+    max_len = model.config.max_len
+    for start in range(0, len(chosen), 512):
+        picked = chosen[start : start + 512]
+        batch = [sessions[i] for i in picked]
+        users = encode_sessions(model, batch, market_row, device).float().cpu().numpy()
+        hits = retrieve(bound.items, users, bound.spec.retrieve)
+        for b, session in enumerate(batch):
+            rows, ages = session_arrays(session, max_len)
+            keys, sums = aggregate(bound, rows, ages)
+            pool = candidate_pool(bound, hits[b], keys, sums, np.asarray(session, dtype=np.int64))
+            target = int(targets[picked[b]])
+            at = int(np.searchsorted(pool, bound.items.position[target]))
+            if at < len(pool) and bound.items.rows[pool[at]] == target:
+                taste = profile(bound, rows, ages)
+                out.append((features(bound, users[b], taste, pool, keys, sums).astype(np.float32),
+                            at))
+    return Examples(out, len(chosen))
+
+
+@dataclass(frozen=True)
+class FittedRankers:
+    rankers: dict[str, MarketRanker]
+    fitted: dict[str, dict[str, float | int]]  # per market: users, recall, in-sample NDCG@10
+    seconds: float
+
+
+class RankerFitting:
+    """Builds each market's ranker as its fine-tuned model arrives (`add`), keeping only the
+    ranker and its validation examples, then fits one scorer for all markets (`fit`).
+
+    One scorer for all markets: a small market has too few validation users to fit its own.
+    At most `max_users` validation users per market are kept (a seeded sample). `sold` gives
+    the items each market's index holds where it is not the split's market items."""
+
+    def __init__(self, splits: dict[str, MarketSplit], markets: list[str], n_rows: int,
+                 spec: RankerSpec | None = None, max_users: int = 2000, seed: int = 0,
+                 sold: dict[str, np.ndarray] | None = None) -> None:
+        self.started = time.perf_counter()
+        self.splits, self.markets, self.n_rows = splits, markets, n_rows
+        self.sold = {m: (sold or {}).get(m, splits[m].market_items) for m in markets}
+        self.spec = spec or RankerSpec()
+        self.max_users, self.seed = max_users, seed
+        self.shared = AllMarkets.count([splits[m] for m in markets], n_rows)
+        self.rankers: dict[str, MarketRanker] = {}
+        self.examples: dict[str, Examples] = {}
+
+    def add(self, market: str, model: Bert4XMR, device: str = "cpu") -> None:
+        split = self.splits[market]
+        row = self.markets.index(market)
+        ranker = market_ranker(split, self.shared, self.n_rows, self.spec,
+                               sold=self.sold[market])
+        items = item_vectors(model, row, self.sold[market])
+        self.rankers[market] = ranker
+        self.examples[market] = validation_examples(
+            bind(ranker, items, model.config.max_len), model, split, row, device,
+            self.max_users, self.seed)
+
+    def fit(self, hidden: int = 0, l2: float = 1e-3) -> FittedRankers:
+        examples = [e for market in self.rankers for e in self.examples[market].examples]
+        scorer = fit_scorer(examples, hidden=hidden, l2=l2, seed=self.seed)
+        fitted: dict[str, dict[str, float | int]] = {}
+        rankers: dict[str, MarketRanker] = {}
+        for market, ranker in self.rankers.items():
+            rankers[market] = replace(ranker, scorer=scorer)
+            found = self.examples[market]
+            gain = sum(float(ndcg(np.asarray([_rank(scorer.score(f), t)]), 10))
+                       for f, t in found.examples)
+            fitted[market] = {
+                "valid_users": found.n_users,
+                "valid_recall": round(found.recall, 6),
+                "valid_ndcg@10_in_sample": round(gain / max(found.n_users, 1), 6),
+            }
+            logger.info("ranker market=%s valid_users=%d recall=%.4f valid_ndcg@10=%.4f "
+                        "(in sample)", market, found.n_users, found.recall,
+                        fitted[market]["valid_ndcg@10_in_sample"])
+        return FittedRankers(rankers, fitted, time.perf_counter() - self.started)
+
+
+def _rank(scores: np.ndarray, target: int) -> int:
+    """0-based rank of the target; ties count against it (as `metrics.rank_of_target`)."""
+    return int((scores >= scores[target]).sum()) - 1
+
+
+class ServedScorer:
+    """What the service returns for a session, as harness scores (B, n_rows): the served top
+    `depth` items get their served scores, every other item -inf (never recommended).
+
+    For sampled protocols (`score_candidates`) every candidate is scored, as the service
+    scores a request's explicit `candidates`."""
+
+    def __init__(self, ranker: MarketRanker, items: ItemVectors, model: Bert4XMR,
+                 market_row: int, device: str = "cpu", depth: int = 100) -> None:
+        self.bound = bind(ranker, items, model.config.max_len)
+        self.model, self.market_row, self.device, self.depth = model, market_row, device, depth
+        self.n_rows = model.config.n_rows
+
+    def _users(self, sessions: list[list[int]]) -> np.ndarray:
+        return encode_sessions(self.model, sessions, self.market_row,
+                               self.device).float().cpu().numpy()
+
+    def __call__(self, sessions: list[list[int]]) -> torch.Tensor:
+        users = self._users(sessions)
+        hits = retrieve(self.bound.items, users, self.bound.spec.retrieve)
+        out = torch.full((len(sessions), self.n_rows), float("-inf"), dtype=torch.float64)
+        for b, session in enumerate(sessions):
+            served = rank_session(self.bound, session, users[b], hits[b], None, session,
+                                  self.depth)
+            for row, score in served:
+                out[b, row] = score
+        return out
+
+    def score_candidates(self, sessions: list[list[int]], candidates: np.ndarray
+                         ) -> torch.Tensor:
+        """(B, C) served scores of each session's candidate rows; rows the market does not
+        sell get -inf (the service reports them as unknown and ranks the rest)."""
+        users = self._users(sessions)
+        out = torch.full(candidates.shape, float("-inf"), dtype=torch.float64)
+        for b, session in enumerate(sessions):
+            given = candidates[b].tolist()
+            served = dict(rank_session(self.bound, session, users[b], None, given, session,
+                                       len(given)))
+            for c, row in enumerate(given):
+                if row in served:
+                    out[b, c] = served[row]
+        return out
