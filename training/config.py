@@ -54,6 +54,8 @@ class FitConfig:
     distill: float = 0.0
     distill_temperature: float = 0.1
     distill_decay: float = 0.6
+    # Keep the item embedding as it is (fine-tuning: markets then share the global item table).
+    freeze_items: bool = False
 
 
 @dataclass(frozen=True)

@@ -28,9 +28,8 @@ import numpy as np
 # Item-to-item statistics stored per neighbour pair (i in the session, j a candidate):
 # "cooc"  |users with i and j| / sqrt(|users with i| |users with j|), all markets;
 # "next"  |users with j within NEXT_WINDOW items after i| / sqrt(..), all markets;
-# "local" the cosine co-occurrence of the market alone;
-# "shared" as "cooc", each user weighted by 1 / (their distinct items - 1).
-PAIR_STATS = ("cooc", "next", "local", "shared")
+# "local" the cosine co-occurrence of the market alone.
+PAIR_STATS = ("cooc", "next", "local")
 NEXT_WINDOW = 3
 
 
@@ -67,11 +66,10 @@ class RankerSpec:
     expand: int = 200  # co-occurrence candidates, by the `expand_by` aggregate
     expand_by: int = 1  # index into `aggregates`
     neighbours: int = 100  # most similar items kept per item (by "cooc")
-    profile_decay: float = 0.6  # "item_sim": v(j) . the decay-weighted mean of v(session items)
 
     @property
     def feature_names(self) -> tuple[str, ...]:
-        names = ["model", "log_pop", "log_global_pop", "item_sim"]
+        names = ["model", "log_pop", "log_global_pop"]
         for aggregate in self.aggregates:
             names += [aggregate.name, f"log({aggregate.name})"]
         return tuple(names)
@@ -206,34 +204,20 @@ def aggregate(bound: BoundRanker, rows: np.ndarray, ages: np.ndarray
     return cols[first], np.add.reduceat(contribution[order], first, axis=0)
 
 
-def profile(bound: BoundRanker, rows: np.ndarray, ages: np.ndarray) -> np.ndarray:
-    """(D,) the decay-weighted mean of the vectors of the session's items sold in the market
-    (zero when none is)."""
-    at = bound.items.position[rows]
-    sold = at >= 0
-    if not sold.any():
-        return np.zeros(bound.items.vectors.shape[1], dtype=np.float32)
-    weights = bound.spec.profile_decay ** ages[sold].astype(np.float64)
-    return (weights / weights.sum()).astype(np.float32) @ bound.items.vectors[at[sold]]
-
-
-def features(bound: BoundRanker, user: np.ndarray, taste: np.ndarray, pool: np.ndarray,
-             keys: np.ndarray, sums: np.ndarray) -> np.ndarray:
-    """(C, F) features of candidate positions, in RankerSpec.feature_names order; `taste` is
-    the session's `profile`."""
+def features(bound: BoundRanker, user: np.ndarray, pool: np.ndarray, keys: np.ndarray,
+             sums: np.ndarray) -> np.ndarray:
+    """(C, F) features of candidate positions, in RankerSpec.feature_names order."""
     agg = np.zeros((len(pool), sums.shape[1]), dtype=np.float64)  # (C, A)
     if len(keys):
         at = np.minimum(np.searchsorted(keys, pool), len(keys) - 1)
         found = keys[at] == pool
         agg[found] = sums[at[found]]
-    vectors = bound.items.vectors[pool]  # (C, D)
-    out = np.empty((len(pool), 4 + 2 * agg.shape[1]), dtype=np.float64)
-    out[:, 0] = vectors @ user.astype(np.float32)
+    out = np.empty((len(pool), 3 + 2 * agg.shape[1]), dtype=np.float64)
+    out[:, 0] = bound.items.vectors[pool] @ user.astype(np.float32)
     out[:, 1] = bound.log_pop[pool]
     out[:, 2] = bound.log_global_pop[pool]
-    out[:, 3] = vectors @ taste
-    out[:, 4::2] = agg
-    out[:, 5::2] = np.log1p(10.0 * agg)
+    out[:, 3::2] = agg
+    out[:, 4::2] = np.log1p(10.0 * agg)
     return out
 
 
@@ -279,8 +263,7 @@ def rank_session(bound: BoundRanker, session: Sequence[int], user: np.ndarray,
                               excluded_rows)
     if not len(pool):
         return []
-    taste = profile(bound, rows, ages)
-    scores = bound.ranker.scorer.score(features(bound, user, taste, pool, keys, sums))  # (C,)
+    scores = bound.ranker.scorer.score(features(bound, user, pool, keys, sums))  # (C,)
     found = bound.items.rows[pool]
     order = np.lexsort((found, -scores))[:k]
     return [(int(found[i]), float(scores[i])) for i in order.tolist()]
@@ -288,22 +271,18 @@ def rank_session(bound: BoundRanker, session: Sequence[int], user: np.ndarray,
 
 @dataclass(frozen=True)
 class PairCounts:
-    """Users per item pair, as sorted keys (i * n_rows + j, i != j), plain and weighted by
-    1 / (session length - 1) (a user's pairs share one unit: long sessions say less about
-    each pair), and users per item."""
+    """Users per item pair, as sorted keys (i * n_rows + j, i != j), and users per item."""
 
     keys: np.ndarray  # (P,) int64, sorted
     users: np.ndarray  # (P,) float64
-    weighted: np.ndarray  # (P,) float64
     item_users: np.ndarray  # (n_rows,) int64
 
-    def lookup(self, keys: np.ndarray, weighted: bool = False) -> np.ndarray:
-        """Users (or weighted users) of each pair key (0 where the pair never occurs)."""
+    def lookup(self, keys: np.ndarray) -> np.ndarray:
+        """Users of each pair key (0 where the pair never occurs)."""
         if not len(self.keys):
             return np.zeros(len(keys), dtype=np.float64)
         at = np.minimum(np.searchsorted(self.keys, keys), len(self.keys) - 1)
-        values = self.weighted if weighted else self.users
-        return np.where(self.keys[at] == keys, values[at], 0.0)
+        return np.where(self.keys[at] == keys, self.users[at], 0.0)
 
 
 def count_pairs(sequences: Sequence[Sequence[int]], n_rows: int, ordered: bool) -> PairCounts:
@@ -311,34 +290,25 @@ def count_pairs(sequences: Sequence[Sequence[int]], n_rows: int, ordered: bool) 
     NEXT_WINDOW items after i. A user counts once per pair."""
     item_users = np.zeros(n_rows, dtype=np.int64)
     chunks: list[np.ndarray] = []
-    shares: list[np.ndarray] = []
     for seq in sequences:
         s = np.asarray(seq, dtype=np.int64)
-        distinct = np.unique(s)
-        item_users[distinct] += 1
+        item_users[np.unique(s)] += 1
         if len(s) < 2:
             continue
         a, b = np.meshgrid(np.arange(len(s)), np.arange(len(s)), indexing="ij")
         pair = ((b > a) & (b - a <= NEXT_WINDOW)) if ordered else (a != b)
         keys = np.unique(s[a[pair]] * n_rows + s[b[pair]])
-        keys = keys[keys // n_rows != keys % n_rows]
-        chunks.append(keys)
-        shares.append(np.full(len(keys), 1.0 / max(len(distinct) - 1, 1)))
+        chunks.append(keys[keys // n_rows != keys % n_rows])
     if not chunks:
-        empty = np.zeros(0, dtype=np.int64)
-        return PairCounts(empty, empty.astype(np.float64), empty.astype(np.float64),
-                          item_users)
-    keys, inverse = np.unique(np.concatenate(chunks), return_inverse=True)
-    users = np.bincount(inverse, minlength=len(keys)).astype(np.float64)
-    weighted = np.bincount(inverse, weights=np.concatenate(shares), minlength=len(keys))
-    return PairCounts(keys, users, weighted, item_users)
+        return PairCounts(np.zeros(0, dtype=np.int64), np.zeros(0), item_users)
+    keys, users = np.unique(np.concatenate(chunks), return_counts=True)
+    return PairCounts(keys, users.astype(np.float64), item_users)
 
 
-def _cosine(pairs: PairCounts, keys: np.ndarray, n_rows: int, weighted: bool = False
-            ) -> np.ndarray:
+def _cosine(pairs: PairCounts, keys: np.ndarray, n_rows: int) -> np.ndarray:
     i, j = keys // n_rows, keys % n_rows
     norm = np.sqrt(np.maximum(pairs.item_users[i], 1) * np.maximum(pairs.item_users[j], 1))
-    return pairs.lookup(keys, weighted) / norm
+    return pairs.lookup(keys) / norm
 
 
 def build_neighbours(cooc: PairCounts, ordered: PairCounts, local: PairCounts,
@@ -350,8 +320,7 @@ def build_neighbours(cooc: PairCounts, ordered: PairCounts, local: PairCounts,
     sold[market_items] = True
     keys = cooc.keys[sold[cooc.keys % n_rows]]  # sorted: by i, then j
     values = np.stack([_cosine(cooc, keys, n_rows), _cosine(ordered, keys, n_rows),
-                       _cosine(local, keys, n_rows), _cosine(cooc, keys, n_rows, weighted=True)],
-                      axis=1).astype(np.float32)  # (P, S)
+                       _cosine(local, keys, n_rows)], axis=1).astype(np.float32)  # (P, S)
     i, j = keys // n_rows, keys % n_rows
     # Keep each row's `keep` best by cooc (ties: lower row first).
     order = np.lexsort((j, -values[:, 0], i))
@@ -437,7 +406,7 @@ def _spec_json(spec: RankerSpec) -> dict[str, Any]:
             {"stat": a.stat, "decay": a.decay, "pop_shift": a.pop_shift} for a in spec.aggregates
         ],
         "retrieve": spec.retrieve, "expand": spec.expand, "expand_by": spec.expand_by,
-        "neighbours": spec.neighbours, "profile_decay": spec.profile_decay,
+        "neighbours": spec.neighbours,
     }
 
 
@@ -448,7 +417,7 @@ def _spec_from_json(data: dict[str, Any]) -> RankerSpec:
     if unknown:
         raise ValueError(f"unknown statistic(s) {unknown}; known {list(PAIR_STATS)}")
     spec = RankerSpec(aggregates, int(data["retrieve"]), int(data["expand"]),
-                      int(data["expand_by"]), int(data["neighbours"]), float(data["profile_decay"]))
+                      int(data["expand_by"]), int(data["neighbours"]))
     if not 0 <= spec.expand_by < len(aggregates):
         raise ValueError(f"expand_by {spec.expand_by} is not an aggregate's index")
     return spec

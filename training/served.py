@@ -32,7 +32,6 @@ from training.ranker import (
     count_pairs,
     features,
     fit_scorer,
-    profile,
     rank_session,
     session_arrays,
 )
@@ -132,9 +131,7 @@ def validation_examples(bound: BoundRanker, model: Bert4XMR, split: MarketSplit,
             target = int(targets[picked[b]])
             at = int(np.searchsorted(pool, bound.items.position[target]))
             if at < len(pool) and bound.items.rows[pool[at]] == target:
-                taste = profile(bound, rows, ages)
-                out.append((features(bound, users[b], taste, pool, keys, sums).astype(np.float32),
-                            at))
+                out.append((features(bound, users[b], pool, keys, sums).astype(np.float32), at))
     return Examples(out, len(chosen))
 
 

@@ -184,8 +184,9 @@ def fit(
     torch.manual_seed(seed)
     model.to(device)
     wrapped = dist.wrap(model)
+    frozen = {id(model.item_emb.weight)} if config.freeze_items else set()
     optimizer = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad],
+        [p for p in model.parameters() if p.requires_grad and id(p) not in frozen],
         lr=config.lr,
         weight_decay=config.weight_decay,
     )
