@@ -74,14 +74,22 @@ def make_plan(endpoints: list[str], concurrencies: list[int], duration_s: float,
 
 
 def encoder_batches(metrics: str) -> dict[str, float]:
-    """Encoder calls and requests per call over the whole run, from the server's /metrics."""
-    values = {}
+    """Encoder calls and requests per call over the whole run, and the served ranking's
+    second stage (mean microseconds per re-ranked request), from the server's /metrics."""
+    values: dict[str, float] = {}
     for line in metrics.splitlines():
         name, _, value = line.partition(" ")
         if name in ("xmr_encoder_batch_size_sum", "xmr_encoder_batch_size_count"):
             values[name.rsplit("_", 1)[1]] = float(value)
+        if name.startswith(("xmr_rerank_seconds_sum", "xmr_rerank_seconds_count")):
+            key = "rerank_" + name.split("{")[0].rsplit("_", 1)[1]
+            values[key] = values.get(key, 0.0) + float(value)
     calls, requests = values.get("count", 0.0), values.get("sum", 0.0)
-    return {"encoder_calls": calls, "mean_batch": round(requests / calls, 2) if calls else 0.0}
+    reranked = values.get("rerank_count", 0.0)
+    return {"encoder_calls": calls, "mean_batch": round(requests / calls, 2) if calls else 0.0,
+            "reranked": reranked,
+            "rerank_mean_us": round(1e6 * values.get("rerank_sum", 0.0) / reranked, 1)
+            if reranked else 0.0}
 
 
 def machine() -> dict[str, Any]:
@@ -201,6 +209,8 @@ def main() -> None:
           f"peak {memory['rss_peak_mib']} MiB")
     print(f"encoder calls {batches['encoder_calls']:.0f}, mean requests per call "
           f"{batches['mean_batch']} (whole run, warm-up and readiness probes included)")
+    print(f"second stage (deeper search + ranker): {batches['reranked']:.0f} requests, "
+          f"mean {batches['rerank_mean_us']} us per request")
     mix = describe(requests)
     print(f"recommend mix: {mix['n_items_requests']} item sessions "
           f"(items {mix['items_per_items_request']}) + {mix['n_session_requests']} session_id "

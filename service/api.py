@@ -159,6 +159,8 @@ async def recommend(
         items = await context.store.append(market, body.session_id, body.items)
     query = Query(items, body.k, body.exclude_seen, body.candidates)
     rec = await context.batcher.submit(model, query)
+    if rec.rerank_seconds is not None:
+        context.metrics.rerank.labels(market).observe(rec.rerank_seconds)
     if rec.fallback is not None:
         context.metrics.fallbacks.labels(market, rec.fallback).inc()
     if rec.unknown_items:

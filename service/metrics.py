@@ -46,6 +46,12 @@ class Metrics:
             "xmr_encoder_batch_size", "Requests merged into one encoder call.",
             buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=self.registry,
         )
+        self.rerank = Histogram(
+            "xmr_rerank_seconds", "The served ranking's second stage per request (the deeper "
+            "index search and the ranker).", ["market"],
+            buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1),
+            registry=self.registry,
+        )
         self.reloads = Counter(
             "xmr_reloads_total", "Reloads of models and indexes by outcome.", ["outcome"],
             registry=self.registry,

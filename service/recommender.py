@@ -4,6 +4,7 @@ fall back to popular items. Synchronous and CPU/GPU-bound: callers run it in a t
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -34,6 +35,7 @@ class Recommendation:
     fallback: str | None
     model_version: str
     index_version: str
+    rerank_seconds: float | None = None  # the second stage's time for this query, if it ran
 
 
 @dataclass(frozen=True)
@@ -118,11 +120,12 @@ def recommend_many(model: MarketModel, queries: list[Query]) -> list[Recommendat
     the market's ranker (where it has one) over each query's candidates."""
     resolved = [resolve(model, q) for q in queries]
     results: list[list[tuple[str, float]] | None] = [None] * len(queries)
+    seconds: list[float | None] = [None] * len(queries)
     encoded = [i for i, r in enumerate(resolved) if r.rows]
     if encoded:
         users = model.encoder.encode([resolved[i].rows for i in encoded])  # (B, D)
         if model.ranker is not None:
-            _rank_two_stage(model, queries, resolved, encoded, users, results)
+            _rank_two_stage(model, queries, resolved, encoded, users, results, seconds)
         else:
             _rank_by_model(model, queries, resolved, encoded, users, results)
     return [
@@ -132,8 +135,9 @@ def recommend_many(model: MarketModel, queries: list[Query]) -> list[Recommendat
             fallback=None if hits is not None else POPULAR,
             model_version=model.model_version,
             index_version=model.index_version,
+            rerank_seconds=spent,
         )
-        for q, r, hits in zip(queries, resolved, results, strict=True)
+        for q, r, hits, spent in zip(queries, resolved, results, seconds, strict=True)
     ]
 
 
@@ -158,21 +162,27 @@ def _rank_by_model(model: MarketModel, queries: list[Query], resolved: list[Reso
 
 def _rank_two_stage(model: MarketModel, queries: list[Query], resolved: list[Resolved],
                     encoded: list[int], users: np.ndarray | torch.Tensor,
-                    results: list[list[tuple[str, float]] | None]) -> None:
+                    results: list[list[tuple[str, float]] | None],
+                    seconds: list[float | None]) -> None:
     """The served ranking: the index's top `retrieve` plus co-occurring items, re-scored by
-    the market's ranker (`training.ranker.rank_session`, the harness's `served` row)."""
+    the market's ranker (`training.ranker.rank_session`, the harness's `served` row). Each
+    query's `seconds`: its share of the deeper search plus its own re-ranking."""
     ranker = model.ranker
     assert ranker is not None
     searched = [j for j, i in enumerate(encoded) if resolved[i].candidates is None]
     hits = None
+    search_share = 0.0
     if searched:
+        started = time.perf_counter()
         _, hits = model.index.search.search(users[searched], min(ranker.spec.retrieve,
                                                                  model.n_items))
+        search_share = (time.perf_counter() - started) / len(searched)
     user_np = as_numpy(users)  # (B, D)
     vocab = model.checkpoint.vocab
     b = 0
     for j, i in enumerate(encoded):
         query, found = queries[i], resolved[i]
+        started = time.perf_counter()
         if found.candidates is None:
             assert hits is not None
             ranked = rank_session(ranker, found.rows, user_np[j], hits[b], None,
@@ -182,3 +192,5 @@ def _rank_two_stage(model: MarketModel, queries: list[Query], resolved: list[Res
             ranked = rank_session(ranker, found.rows, user_np[j], None, found.candidates,
                                   found.excluded, query.k)
         results[i] = [(vocab.item_id(row), score) for row, score in ranked]
+        seconds[i] = time.perf_counter() - started + (
+            search_share if found.candidates is None else 0.0)

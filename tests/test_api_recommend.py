@@ -198,7 +198,9 @@ def test_served_top_k_equals_the_experiments_served_ranking(make_service_client,
         given = items[3:40:2]
         chosen = [client.post("/markets/aa/recommend", json={
             "items": s, "k": 6, "candidates": given}).json() for s in sessions]
+        metrics = client.get("/metrics").text
     assert markets["aa"]["ranking"] == "two-stage"
+    assert 'xmr_rerank_seconds_count{market="aa"} 8.0' in metrics  # each re-ranked request
     expected = served_top_k(service_artifacts, "aa", sessions, 8)
     for body, want in zip(served, expected, strict=True):
         assert [i["item_id"] for i in body["items"]] == [i for i, _ in want]
