@@ -12,7 +12,6 @@ hosts without torch (fitting imports torch itself).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -24,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from training.checkpoint import file_sha256
 
 # Item-to-item statistics stored per neighbour pair (i in the session, j a candidate):
 # "cooc"  |users with i and j| / sqrt(|users with i| |users with j|), all markets;
@@ -454,14 +455,6 @@ def _scorer_from_json(data: dict[str, Any], n_features: int) -> Scorer:
     return scorer
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def save_ranker(market_dir: Path, ranker: MarketRanker, weights_sha256: str,
                 fitted: dict[str, Any]) -> Path:
     """Write `neighbours-<sha12>.npz`, then atomically `ranker.json` naming it and the market
@@ -472,7 +465,7 @@ def save_ranker(market_dir: Path, ranker: MarketRanker, weights_sha256: str,
             np.savez(f, indptr=ranker.neighbours.indptr, cols=ranker.neighbours.cols,
                      values=ranker.neighbours.values, pop=ranker.pop,
                      global_pop=ranker.global_pop)
-        sha = _sha256(tmp)
+        sha = file_sha256(tmp)
         name = f"neighbours-{sha[:12]}.npz"
         os.replace(tmp, market_dir / name)
     finally:
@@ -526,7 +519,7 @@ def load_ranker(market_dir: Path, weights_sha256: str, n_rows: int) -> MarketRan
         raise RankerError(f"{path}: bad neighbours_file {name!r}")
     if not file.is_file():
         raise RankerError(f"{file}: missing (named by {RANKER_MANIFEST})")
-    if _sha256(file) != sha:
+    if file_sha256(file) != sha:
         raise RankerError(f"{file}: sha256 does not match {RANKER_MANIFEST} (corrupt file)")
     try:
         with np.load(file, allow_pickle=False) as arrays:
