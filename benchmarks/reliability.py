@@ -173,10 +173,9 @@ async def run_workers(url: str, workers: dict[str, tuple[int, Step]], duration_s
 
 
 def item_sessions(artifacts: Path, market: str, n: int, seed: int = 0) -> list[list[str]]:
-    """Sessions of 1-10 items sold in the market (from its market_items.json)."""
-    import json
+    """Sessions of 1-10 items sold in the market (from its checkpoint's sold items)."""
+    from training.checkpoint import read_checkpoint_info
 
-    items = list(json.loads((artifacts / "markets" / market / "market_items.json")
-                            .read_text(encoding="utf-8")))
+    items = list(read_checkpoint_info(artifacts / "markets" / market).market_items or {})
     rng = random.Random(seed)
     return [rng.sample(items, min(len(items), rng.randint(1, 10))) for _ in range(n)]

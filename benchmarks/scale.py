@@ -2,7 +2,8 @@
 measured side by side in one run (benchmarks/README.md has the results and the command).
 
     python benchmarks/scale.py --out FILE.json [--sizes 8000,100000,1000000] [--markets 7,50]
-                               [--kinds flat,ivf,hnsw] [--serve-seconds 10] [--workers 1,2]
+                               [--kinds flat,ivf,ivf-sq8,hnsw] [--serve-seconds 10] [--workers 1,2]
+                               [--layouts full,shared] [--before-src DIR] [--steps ...]
 
 1. generation: `write_scale` (what `xmr synthetic --items N --markets M` runs) and the loader
    (`read_dataset`) at each size and market count, users = items / 2.
@@ -12,6 +13,8 @@ measured side by side in one run (benchmarks/README.md has the results and the c
 3. serving: `xmr serve` (one worker, one thread, Redis) over each index: recommend p50/p99 at
    concurrency 1 on sessions of the data (1-15 items, k=10), and the server's RSS.
 4. workers: recommend at concurrency 8 on the smallest size, 1 and 2 workers, alternated.
+5. market sets: per size, market count and layout (`market_set.py`), a global checkpoint and
+   every market's checkpoint and index on disk, and one server holding them all: its RSS.
 
 The artifacts are written here, not trained (a full softmax over a million items is out of
 reach on this machine until training samples its softmax): a Bert4XMR of the default shape
@@ -40,6 +43,8 @@ import numpy as np
 import torch
 from client import RECOMMEND, Phase, rss_kib, run_phase
 from load import machine
+from market_set import ARTIFACTS_NOTE, LAYOUTS, build_indexes, disk_mib, item_id, write_set
+from market_set import stand_in_model as model_for
 from servers import redis_server, xmr_server
 from summary import percentile
 from workload import ITEMS, Request
@@ -50,22 +55,10 @@ from service.index_manifest import HNSW_EF_SEARCHES, IVF_NPROBES, IndexOptions, 
 from service.recall import exact_kth_scores, recall_at_k, sample_queries
 from training.checkpoint import Manifest, load_checkpoint, save_checkpoint
 from training.data import read_dataset
-from training.model import Bert4XMR, ModelConfig
 from training.synthetic import MarketRows, ScaleSpec, generate_scale, write_scale
 from training.vocab import Vocab
 
 ROOT = Path(__file__).resolve().parents[1]
-ARTIFACTS_NOTE = ("not trained: a random-weight Bert4XMR (default shape) whose item embeddings "
-                  "add a PureSVD direction of the synthetic data to their random init, written "
-                  "by save_checkpoint")
-# Norms of a trained model's embedding rows (XMarket, default config, market ca: item rows
-# 0.26-0.42 by popularity, market rows 0.40-0.45; the random init gives items 0.16)
-LEARNED_NORM = 0.3
-MARKET_NORM = 0.43
-
-
-def item_id(n: int, n_items: int) -> str:
-    return f"I{n:0{max(5, len(str(n_items - 1)))}d}"  # as write_scale names them
 
 
 def generation(sizes: list[int], market_counts: list[int], workdir: Path) -> list[dict[str, Any]]:
@@ -95,18 +88,8 @@ def generation(sizes: list[int], market_counts: list[int], workdir: Path) -> lis
 
 def write_artifacts(rows: MarketRows, n_items: int, out: Path, seed: int = 0) -> Path:
     """One market checkpoint (see the module docstring) under `out/markets/<market>`."""
-    n_users = int(rows.users.max()) + 1
-    matrix = torch.sparse_coo_tensor(torch.from_numpy(np.stack([rows.users, rows.items])),
-                                     torch.ones(len(rows.items)), (n_users, n_items),
-                                     check_invariants=False).coalesce()
-    torch.manual_seed(seed)
-    _, singular, items = torch.svd_lowrank(matrix, q=64, niter=2)  # items (N, 64)
-    direction = torch.nn.functional.normalize(items * singular, dim=1)  # (N, 64)
+    model = model_for(rows.users, rows.items, n_items, 1, seed)
     vocab = Vocab([item_id(n, n_items) for n in range(n_items)])  # row = item number + 1
-    model = Bert4XMR(ModelConfig(n_rows=vocab.n_rows, n_markets=1))  # its own random init
-    with torch.no_grad():
-        model.item_emb.weight[1:] += LEARNED_NORM * direction
-        model.market_emb.weight.normal_(0.0, MARKET_NORM / model.config.d_model ** 0.5)
     counts = np.bincount(rows.items, minlength=n_items)
     order = sorted(range(n_items), key=lambda n: (-counts[n], n))
     manifest = Manifest(kind="market", model_config=model.config, markets=[rows.market],
@@ -224,13 +207,14 @@ def measure_kinds(label: str, market_dir: Path, requests: list[Request], kinds: 
         index = load_index(market_dir, checkpoint, "faiss", "cpu")
         queries = sample_queries(checkpoint, index.rows, 1000, seed=1).check  # (500, D), fresh
         found = index.search.search(torch.from_numpy(queries), 10)[1]
-        kth = exact_kth_scores(index.rows, index.vectors, queries)
+        vectors = np.asarray(index.vectors)  # (N, D), exact
+        kth = exact_kth_scores(index.rows, vectors, queries)
         result: dict[str, Any] = {
             "vectors": label, "items": manifest.n_items, "kind": manifest.kind,
             "params": manifest.params, "refused_at_floor": refused,
             "build_index_s": manifest.build_seconds, "build_all_s": round(build_s, 2),
             "recall_at_10_build": manifest.recall_at_10,
-            "recall_at_10": round(recall_at_k(found, queries, index.rows, index.vectors, kth), 4),
+            "recall_at_10": round(recall_at_k(found, queries, index.rows, vectors, kth), 4),
             **search_latency(index.search, queries, 10),
             **search_latency(index.search, queries, 200),
             "index_mib": round((market_dir / manifest.index_file).stat().st_size / 2**20, 1),
@@ -268,12 +252,53 @@ def workers(artifacts: Path, requests: list[Request], counts: list[int], redis_u
     return results
 
 
+def market_sets(sizes: list[int], counts: list[int], layouts: list[str], workdir: Path,
+                redis_url: str, before_src: Path | None, recall_queries: int,
+                serve_seconds: float) -> list[dict[str, Any]]:
+    """Step 5: per size, market count and layout, the artifacts on disk and the RSS of one
+    server holding every market (after recommend requests spread over all of them)."""
+    results = []
+    for n_items in sizes:
+        for n_markets in counts:
+            markets = generate_scale(ScaleSpec(n_items=n_items, n_markets=n_markets,
+                                               n_users=n_items // 2))
+            requests = [r for rows in markets
+                        for r in session_requests(rows, n_items, max(20, 2000 // n_markets))]
+            for layout in layouts:
+                out = workdir / f"set-{n_items}-{n_markets}-{layout}"
+                shutil.rmtree(out, ignore_errors=True)
+                source = before_src if layout == "full" else None
+                result: dict[str, Any] = {
+                    "items": n_items, "markets": n_markets, "layout": layout,
+                    "code": "before" if source is not None else "this",
+                    "sold_items_mean": round(float(np.mean([len(np.unique(r.items))
+                                                            for r in markets]))),
+                    "write_s": round(write_set(markets, n_items, out, layout), 1)}
+                index_s, built = build_indexes(out, [r.market for r in markets], recall_queries,
+                                               source)
+                result["index_build_s"] = round(index_s, 1)
+                result["index_kinds"] = sorted({b["kind"] for b in built})
+                recalls = [b["recall_at_10"] for b in built if b["recall_at_10"] is not None]
+                result["recall_at_10_min"] = min(recalls) if recalls else None
+                result.update(disk_mib(out))
+                with xmr_server(out, redis_url, {"XMR_THREADS": "1"},
+                                workdir / f"set-{n_items}-{n_markets}-{layout}.log",
+                                timeout_s=3600.0, source=source) as server:
+                    result["server_ready_s"] = round(server.ready_s, 1)
+                    result["server_rss_ready_mib"] = round(tree_rss_kib(server.pid) / 1024, 1)
+                    result.update(recommend(server.url, server.pid, requests, serve_seconds))
+                print(" ".join(f"{k}={v}" for k, v in result.items()), flush=True)
+                results.append(result)
+                shutil.rmtree(out)
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="Results as JSON.")
     parser.add_argument("--sizes", default="8000,100000,1000000", help="Catalogue sizes.")
     parser.add_argument("--markets", default="7,50", help="Market counts of the generation step.")
-    parser.add_argument("--kinds", default="flat,ivf,hnsw", help="Index kinds.")
+    parser.add_argument("--kinds", default="flat,ivf,ivf-sq8,hnsw", help="Index kinds.")
     parser.add_argument("--serve-seconds", type=float, default=10.0,
                         help="Recommend seconds per index (after 2 s of warm-up).")
     parser.add_argument("--workers", default="1,2", help="Worker counts ('' to skip).")
@@ -281,7 +306,17 @@ def main() -> None:
                         help="Artifacts of `xmr train` (repeatable): their largest market is "
                              "measured beside the proxies, with popularity-drawn sessions.")
     parser.add_argument("--workdir", type=Path, default=ROOT / "out" / "bench-scale")
+    parser.add_argument("--steps", default="generation,indexes,workers,market-sets",
+                        help="Steps to run, of generation, indexes, workers, market-sets.")
+    parser.add_argument("--layouts", default=",".join(LAYOUTS),
+                        help=f"Market-set layouts, of {', '.join(LAYOUTS)}.")
+    parser.add_argument("--before-src", type=Path,
+                        help="A checkout of the code before the shared item table (f5ae3c4): "
+                             "the `full` layout's indexes are built and served by it.")
+    parser.add_argument("--set-recall-queries", type=int, default=200,
+                        help="Market sets: recall queries per market index.")
     args = parser.parse_args()
+    steps = set(args.steps.split(","))
     sizes = [int(s) for s in args.sizes.split(",")]
     torch.set_num_threads(1)
     set_search_threads(1)
@@ -289,11 +324,16 @@ def main() -> None:
     report: dict[str, Any] = {"command": " ".join(sys.argv), "machine": machine(),
                               "load_average_before": os.getloadavg(),
                               "artifacts": ARTIFACTS_NOTE, "threads": 1}
-    report["generation"] = generation(sizes, [int(m) for m in args.markets.split(",")],
-                                      args.workdir)
+    counts = [int(m) for m in args.markets.split(",")]
+    if "generation" in steps:
+        report["generation"] = generation(sizes, counts, args.workdir)
     report["indexes"] = []
-    kinds = args.kinds.split(",")
+    kinds = args.kinds.split(",") if "indexes" in steps else []
     with redis_server(args.workdir / "redis.log") as redis_url:
+        if "market-sets" in steps:
+            report["market_sets"] = market_sets(sizes, counts, args.layouts.split(","),
+                                                args.workdir, redis_url, args.before_src,
+                                                args.set_recall_queries, args.serve_seconds)
         for trained in args.trained:  # a copy of its largest market: indexes are rebuilt
             source = largest_market(trained)
             market_dir = args.workdir / f"trained-{source.name}" / "markets" / source.name
@@ -304,7 +344,7 @@ def main() -> None:
                 args.workdir, redis_url, args.serve_seconds))
             shutil.rmtree(market_dir.parent.parent)
         smallest: tuple[Path, list[Request]] | None = None
-        for n_items in sizes:
+        for n_items in sizes if "indexes" in steps or "workers" in steps else []:
             market_dir, requests = proxy_market(n_items, args.workdir)
             report["indexes"].extend(measure_kinds("proxy", market_dir, requests, kinds,
                                                    args.workdir, redis_url, args.serve_seconds))
@@ -313,7 +353,7 @@ def main() -> None:
                 build_index(market_dir)  # exact, for the workers step
             else:
                 shutil.rmtree(market_dir.parent.parent)
-        if args.workers and smallest is not None:
+        if args.workers and "workers" in steps and smallest is not None:
             report["workers"] = workers(*smallest, [int(w) for w in args.workers.split(",")],
                                         redis_url, args.workdir, args.serve_seconds)
     report["load_average_after"] = os.getloadavg()

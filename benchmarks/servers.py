@@ -96,9 +96,11 @@ def post_json(url: str, body: str, timeout_s: float = 30.0) -> tuple[int, bytes]
 
 @contextmanager
 def xmr_server(
-    artifacts: Path, redis_url: str, env: dict[str, str], log: Path, timeout_s: float = 300.0
+    artifacts: Path, redis_url: str, env: dict[str, str], log: Path, timeout_s: float = 300.0,
+    source: Path | None = None,
 ) -> Iterator[Server]:
-    """`xmr serve` in its own process with one torch thread; waits until /readyz answers 200."""
+    """`xmr serve` in its own process with one torch thread; waits until /readyz answers 200.
+    `source`: a checkout of another commit whose `service` and `training` serve instead."""
     port = free_port()
     server_env = {
         **os.environ,
@@ -111,7 +113,8 @@ def xmr_server(
     with log.open("wb") as out:
         # the `xmr` console script is `service.cli:app`; -m runs it with this interpreter
         process = subprocess.Popen([sys.executable, "-m", "service.cli", "serve"],
-                                   env=server_env, stdout=out, stderr=subprocess.STDOUT)
+                                   env=server_env, stdout=out, stderr=subprocess.STDOUT,
+                                   cwd=source)
     try:
         while True:
             if process.poll() is not None:

@@ -7,11 +7,11 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import anyio.to_thread
 
@@ -29,15 +29,41 @@ from training.checkpoint import (
     MANIFEST,
     CheckpointError,
     CheckpointInfo,
+    Tables,
     load_checkpoint,
     read_checkpoint_info,
 )
+from training.item_table import MarketItems
 from training.ranker import BoundRanker, ItemVectors, RankerError, bind, load_ranker
 
 if TYPE_CHECKING:
     from service.encoder import Encoder
 
 logger = logging.getLogger(__name__)
+
+
+class PopularItems(Sequence[tuple[str, int]]):
+    """A market's (item id, interactions), most popular first, read from its sold-item arrays
+    as they are asked for: no list of every item per market."""
+
+    def __init__(self, items: MarketItems) -> None:
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items.sold)
+
+    def __getitem__(self, at: int | slice) -> Any:
+        vocab = self.items.table.vocab
+        if isinstance(at, slice):
+            return [(vocab.item_id(int(r)), int(c)) for r, c in
+                    zip(self.items.sold[at], self.items.counts[at], strict=True)]
+        return vocab.item_id(int(self.items.sold[at])), int(self.items.counts[at])
+
+    def __iter__(self) -> Iterator[tuple[str, int]]:
+        vocab = self.items.table.vocab
+        for row, count in zip(self.items.sold.tolist(), self.items.counts.tolist(),
+                              strict=True):
+            yield vocab.item_id(row), count
 
 
 @dataclass(frozen=True)
@@ -47,7 +73,7 @@ class MarketModel:
     market: str
     checkpoint: CheckpointInfo  # the model itself only inside a torch encoder
     index: MarketIndex
-    popular: list[tuple[str, int]]  # (item id, interactions), most popular first
+    popular: PopularItems  # (item id, interactions), most popular first
     device: str  # "cpu", "cuda" or "cuda:N"
     encoder: Encoder  # the checkpoint's encoder in its serving form
     ranker: BoundRanker | None = None  # the second stage; None: the model's own ranking
@@ -114,7 +140,7 @@ def discover_markets(artifacts: Path) -> list[str]:
 
 
 def market_encoder(checkpoint: CheckpointInfo, index: MarketIndex, kind: str, device: str,
-                   threads: int) -> Encoder:
+                   threads: int, tables: Tables | None = None) -> Encoder:
     """The encoder that serves: "auto" is ONNX Runtime on the CPU, CUDA graphs on a GPU;
     "torch" is the eager torch encoder on either (these two load the model, with torch)."""
     if kind == "auto":
@@ -125,7 +151,7 @@ def market_encoder(checkpoint: CheckpointInfo, index: MarketIndex, kind: str, de
         if kind == "cuda-graphs" and not device.startswith("cuda"):
             raise ArtifactsError(f"encoder 'cuda-graphs' needs a CUDA device, not {device}; "
                                  "use encoder 'onnx', 'torch' or 'auto' on the CPU")
-        model = load_checkpoint(checkpoint.path, map_location=device).model
+        model = load_checkpoint(checkpoint.path, map_location=device, tables=tables).model
         if kind == "torch":
             return SessionEncoder(model, checkpoint.market_row)
         graphed = CudaGraphEncoder(SessionEncoder(model, checkpoint.market_row))
@@ -134,23 +160,26 @@ def market_encoder(checkpoint: CheckpointInfo, index: MarketIndex, kind: str, de
     if device != "cpu":
         raise ArtifactsError(f"encoder 'onnx' runs on the CPU only, not on {device}; "
                              "use encoder 'torch' or 'auto' with a GPU")
+    assert checkpoint.items is not None
     try:
-        return OnnxEncoder(index.encoder_path, checkpoint.max_len, threads)
+        return OnnxEncoder(index.encoder_path, checkpoint.items, checkpoint.max_len, threads)
     except Exception as e:  # ONNX Runtime's own error types (bad graph, bad file)
         raise IndexLoadError(f"{index.encoder_path}: ONNX Runtime cannot load it ({e}); "
                              "rebuild with `xmr index build`") from e
 
 
 def load_market(artifacts: Path, market: str, search: str, device: str,
-                encoder: str = "auto", threads: int = 1) -> MarketModel:
+                encoder: str = "auto", threads: int = 1,
+                tables: Tables | None = None) -> MarketModel:
+    """One market; `tables` holds the item tables already read (markets sharing their global
+    checkpoint's table share one memory map of it)."""
     market_dir = artifacts / "markets" / market
-    checkpoint = read_checkpoint_info(market_dir)
-    if checkpoint.market != market or checkpoint.market_items is None:
+    checkpoint = read_checkpoint_info(market_dir, tables)
+    if checkpoint.market != market or checkpoint.items is None:
         raise ArtifactsError(f"{market_dir}: not the market checkpoint of {market!r}")
     index = load_index(market_dir, checkpoint, search, device.split(":")[0])
-    popular = list(checkpoint.market_items.items())
-    return MarketModel(market, checkpoint, index, popular, device,
-                       market_encoder(checkpoint, index, encoder, device, threads),
+    return MarketModel(market, checkpoint, index, PopularItems(checkpoint.items), device,
+                       market_encoder(checkpoint, index, encoder, device, threads, tables),
                        market_ranker(market_dir, checkpoint, index))
 
 
@@ -182,9 +211,11 @@ def load_bundle(
     if not names:
         raise ArtifactsError(f"{artifacts}: no market checkpoints found")
     loaded: dict[str, MarketModel] = {}
+    tables: Tables = {}  # one item table per global checkpoint, for every market
     for market in names:
         try:
-            loaded[market] = load_market(artifacts, market, search, resolved, encoder, threads)
+            loaded[market] = load_market(artifacts, market, search, resolved, encoder, threads,
+                                         tables)
         except CheckpointError as e:
             raise ArtifactsError(str(e)) from e
         logger.info("market loaded market=%s model_version=%s index_version=%s n_items=%d",

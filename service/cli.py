@@ -87,9 +87,9 @@ def index_build_command(
     market: Annotated[list[str] | None, typer.Option(
         "--market", help="Market to build (repeatable; default: every market).")] = None,
     index: Annotated[str, typer.Option(
-        "--index", help="auto (exact flat up to --exact-max-items items, ivf above, hnsw where "
-        "ivf falls short of the floor), flat "
-        "(exact), ivf or hnsw (approximate, tuned to --min-recall).")] = "auto",
+        "--index", help="auto (exact flat up to --exact-max-items items, ivf-sq8 above, hnsw "
+        "where that falls short of the floor), flat (exact), ivf, ivf-sq8 (8-bit codes, exact "
+        "re-rank) or hnsw (approximate, tuned to --min-recall).")] = "auto",
     min_recall: Annotated[float, typer.Option(
         "--min-recall", help="Recall@10 against exact search an approximate index must reach; "
         "below it the index is refused and the current one keeps serving.")] = 0.95,
@@ -117,7 +117,7 @@ def index_build_command(
     from service.errors import IndexRecallError, ServiceError
     from service.index import build_index, set_search_threads
     from service.index_manifest import IndexOptions
-    from training.checkpoint import CheckpointError
+    from training.checkpoint import CheckpointError, Tables
 
     try:
         options = IndexOptions(kind=index, min_recall=min_recall, exact_max_items=exact_max_items,
@@ -128,13 +128,14 @@ def index_build_command(
     torch.set_num_threads(threads)
     set_search_threads(threads)
     refused = []
+    tables: Tables = {}  # the global item table, read once for every market
     try:
         markets = market or discover_markets(artifacts)
         if not markets:
             raise _fail(f"{artifacts}: no market checkpoints")
         for name in markets:
             try:
-                manifest = build_index(artifacts / "markets" / name, options)
+                manifest = build_index(artifacts / "markets" / name, options, tables)
             except IndexRecallError as e:
                 typer.echo(f"{name}: refused: {e.message}", err=True)
                 refused.append(name)

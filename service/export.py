@@ -9,7 +9,6 @@ from typing import Any
 import numpy as np
 import onnx
 import torch
-import torch.nn.functional as F
 from onnx import TensorProto, helper, numpy_helper
 
 from service.encoder import SessionEncoder
@@ -43,8 +42,10 @@ class _GraphBuilder:
 
 
 def onnx_model(model: Bert4XMR, market_row: int) -> onnx.ModelProto:
-    """The market's encoder as an ONNX graph for ONNX Runtime's CPU provider: input `items`
-    (B, T) int64 item rows, right-padded with PAD=0, T <= max_len; output `user` (B, D) float32.
+    """The market's encoder as an ONNX graph for ONNX Runtime's CPU provider: inputs `items`
+    (B, T) int64 item rows, right-padded with PAD=0, T <= max_len, and `item_emb` (B, T, D)
+    float32, their rows of the item embedding (`MarketItems.embeddings`: the table is shared by
+    every market of a server, so the graph holds none); output `user` (B, D) float32.
 
     Built node by node from `SessionEncoder`'s weights rather than traced: 34 nodes for the
     default shape where torch's exporter wrote 99 (most of them shape arithmetic), so a call's
@@ -53,8 +54,7 @@ def onnx_model(model: Bert4XMR, market_row: int) -> onnx.ModelProto:
     of seconds. It uses ONNX Runtime's fused `Attention` (QKV projection and masked softmax
     attention in one node, with the session lengths as its mask) and `BiasGelu` (exact, erf)
     from the com.microsoft domain.
-    - Input: LayerNorm(item + market) depends on the item alone, so it is one table lookup of
-      the rows computed here, exactly as the module computes them.
+    - Input: LayerNorm(item + market) of the given embedding rows.
     - Layers: pre-norm, `x += Attention(LN1(x)) W_o + b_o; x += W_2 GELU(W_1 LN2(x) + b_1) + b_2`.
     - Output: the mean of LN_out(x) over the real positions, weighted by the softmax of the
       learned logit of each position's age with the recency pooling.
@@ -62,9 +62,11 @@ def onnx_model(model: Bert4XMR, market_row: int) -> onnx.ModelProto:
     encoder = SessionEncoder(model, market_row)
     d = encoder.d
     g = _GraphBuilder()
-    with torch.inference_mode():
-        table = F.layer_norm(encoder.items + encoder.market, (d,), *encoder.input_norm)
-    x = g.op("Gather", [g.const("input_table", table), "items"], "x_in", axis=0)  # (B, T, D)
+    x = g.op("LayerNormalization", [g.op("Add", ["item_emb", g.const("market", encoder.market)],
+                                         "x_shifted"),
+                                    g.const("input_norm_w", encoder.input_norm[0]),
+                                    g.const("input_norm_b", encoder.input_norm[1])],
+             "x_in", axis=-1, epsilon=model.input_norm.eps)  # (B, T, D)
     real = g.op("Greater", ["items", g.const("pad", np.array(PAD, np.int64))], "real")  # (B, T)
     axis1 = g.const("axis1", np.array([1], np.int64))
     lengths = g.op("ReduceSum", [g.op("Cast", [real], "real_i32", to=TensorProto.INT32), axis1],
@@ -126,7 +128,8 @@ def onnx_model(model: Bert4XMR, market_row: int) -> onnx.ModelProto:
     g.op("Div", [g.op("ReduceSum", [masked, axis1], "total", keepdims=0), count], "user")
     graph = helper.make_graph(
         g.nodes, "xmr_session_encoder",
-        [helper.make_tensor_value_info("items", TensorProto.INT64, ["batch", "length"])],
+        [helper.make_tensor_value_info("items", TensorProto.INT64, ["batch", "length"]),
+         helper.make_tensor_value_info("item_emb", TensorProto.FLOAT, ["batch", "length", d])],
         [helper.make_tensor_value_info("user", TensorProto.FLOAT, ["batch", d])],
         g.initializers,
     )

@@ -6,6 +6,9 @@ that ties both to the checkpoint's weights, loaded and checked. The only module 
 All kinds (`service.index_manifest`) are inner product over the unnormalised vectors in an
 `IndexIDMap` (ids = item rows). An approximate one is tuned at build time to a recall floor
 against exact search (`service.recall`); one that cannot reach it is refused, nothing written.
+`ivf_sq8` keeps 8-bit codes (a quarter of the floats) and re-ranks `refine` x k of its hits by
+their exact vectors, computed from the item table that every market of a server shares: the
+server holds no float copy of any market's vectors.
 """
 
 from __future__ import annotations
@@ -37,7 +40,8 @@ from service.index_manifest import (
     write_index_manifest,
 )
 from service.search import MarketIndex, Search, TorchSearch, as_numpy
-from training.checkpoint import Checkpoint, CheckpointInfo, load_checkpoint
+from training.checkpoint import Checkpoint, CheckpointInfo, Tables, load_checkpoint
+from training.item_table import SoldVectors
 
 if TYPE_CHECKING:  # torch only where an index is built or searched with torch
     import torch
@@ -60,28 +64,27 @@ def _faiss() -> Any:
     return faiss
 
 
-def market_vectors(checkpoint: Checkpoint) -> tuple[np.ndarray, np.ndarray]:
-    """Rows of the items sold in the checkpoint's market and their vectors v_m(i): (N,), (N, D)."""
-    import torch
-
-    if checkpoint.market_items is None:
-        raise IndexLoadError(f"{checkpoint.path}: not a market checkpoint")
-    rows = np.asarray(checkpoint.vocab.indices(checkpoint.market_items), dtype=np.int64)  # (N,)
-    with torch.inference_mode():
-        vectors = checkpoint.model.item_vectors(checkpoint.market_row)  # (n_rows, D)
-    picked = vectors.float().cpu().numpy()[rows]  # (N, D)
-    return rows, np.ascontiguousarray(picked, dtype=np.float32)
+def market_vectors(checkpoint: Checkpoint | CheckpointInfo) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of the items sold in the checkpoint's market and their vectors v_m(i): (N,), (N, D),
+    computed as serving computes them (`MarketItems.vectors`, no torch)."""
+    info = checkpoint.info if isinstance(checkpoint, Checkpoint) else checkpoint
+    if info.items is None:
+        raise IndexLoadError(f"{info.path}: not a market checkpoint")
+    rows = info.items.sold  # (N,)
+    return rows, info.items.vectors(rows)
 
 
-def build_index(market_dir: Path, options: IndexOptions | None = None) -> IndexManifest:
+def build_index(market_dir: Path, options: IndexOptions | None = None,
+                tables: Tables | None = None) -> IndexManifest:
     """Write `index-<version>.faiss` and `encoder-<sha>.onnx`, then atomically replace
     `index.json`; the files of earlier builds go. An approximate index below the recall floor
     raises `IndexRecallError` before anything is written: the current index keeps serving
-    (`auto` tries HNSW where IVF falls short, and raises if HNSW does too)."""
+    (`auto` tries HNSW where IVF falls short, and raises if HNSW does too). `tables`: item
+    tables already read (one per global checkpoint), shared across a loop over markets."""
     from service.export import export_onnx
 
     options = options or IndexOptions()
-    checkpoint = load_checkpoint(market_dir)
+    checkpoint = load_checkpoint(market_dir, tables=tables)
     manifest = checkpoint.manifest
     rows, vectors = market_vectors(checkpoint)
     started = time.perf_counter()
@@ -135,15 +138,23 @@ def _build_faiss(checkpoint: Checkpoint, rows: np.ndarray, vectors: np.ndarray,
         index = faiss.IndexIDMap(faiss.IndexFlatIP(d))
         index.add_with_ids(vectors, rows)
         return index, kind, {}, None
-    if kind == "ivf_ip":
+    refine = 1
+    if kind in ("ivf_ip", "ivf_sq8"):
         nlist = options.nlist or default_nlist(n)
-        inner = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
+        if kind == "ivf_ip":
+            inner = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist,
+                                       faiss.METRIC_INNER_PRODUCT)
+        else:
+            inner = faiss.IndexIVFScalarQuantizer(faiss.IndexFlatIP(d), d, nlist,
+                                                  faiss.ScalarQuantizer.QT_8bit,
+                                                  faiss.METRIC_INNER_PRODUCT)
+            refine = options.refine
         inner.cp.seed = options.seed
         # 64 training points per list: k-means wants 39 or more; FAISS's default, 256, is 4x
         sample = np.random.default_rng(options.seed).choice(n, size=min(n, 64 * nlist),
                                                             replace=False)
         inner.train(vectors[np.sort(sample)])
-        params = {"nlist": nlist}
+        params = {"nlist": nlist} if refine == 1 else {"nlist": nlist, "refine": refine}
         values = [options.nprobe] if options.nprobe else [v for v in IVF_NPROBES
                                                            if v <= max(1, nlist // 4)]
     else:
@@ -157,8 +168,9 @@ def _build_faiss(checkpoint: Checkpoint, rows: np.ndarray, vectors: np.ndarray,
     queries = recall.sample_queries(checkpoint, rows, options.recall_queries, options.seed)
     threads = faiss.omp_get_max_threads()
     faiss.omp_set_num_threads(1)  # the latency recorded is one query on one thread
+    searcher = FaissSearch(index, refine=refine, exact=_ExactVectors(rows, vectors))
     try:
-        tuned = recall.tune(lambda batch, k: np.asarray(index.search(batch, k)[1]), set_value,
+        tuned = recall.tune(lambda batch, k: searcher.search(batch, k)[1], set_value,
                             values, queries, rows, vectors,
                             min(1.0, options.min_recall + TUNE_MARGIN))
     finally:
@@ -177,7 +189,7 @@ def _build_faiss(checkpoint: Checkpoint, rows: np.ndarray, vectors: np.ndarray,
 
 def _search_parameter(kind: IndexKind, inner: Any) -> tuple[str, Callable[[int], None]]:
     """An approximate kind's search parameter: its name in index.json, and its setter."""
-    if kind == "ivf_ip":
+    if kind in ("ivf_ip", "ivf_sq8"):
         return "nprobe", partial(setattr, inner, "nprobe")
     return "ef_search", partial(setattr, inner.hnsw, "efSearch")
 
@@ -197,11 +209,34 @@ def gpu_faiss_available() -> bool:
     return get_num_gpus is not None and get_num_gpus() > 0
 
 
+class _ExactVectors:
+    """Vectors by item row from an array in index order (the build's vectors)."""
+
+    def __init__(self, rows: np.ndarray, vectors: np.ndarray) -> None:
+        self.position = {int(row): i for i, row in enumerate(rows.tolist())}
+        self.vectors = vectors
+
+    def of_rows(self, rows: np.ndarray) -> np.ndarray:
+        return self.vectors[[self.position[int(r)] for r in rows.tolist()]]
+
+
+class _ServedVectors:
+    """Vectors by item row from the market's `MarketItems` (the shared table)."""
+
+    def __init__(self, vectors: SoldVectors) -> None:
+        self.items = vectors.items
+
+    def of_rows(self, rows: np.ndarray) -> np.ndarray:
+        return self.items.vectors(rows)
+
+
 class FaissSearch:
     """FAISS inner-product search over an `IndexIDMap`: exact (flat) on the CPU or a GPU,
-    approximate (IVF, HNSW) on the CPU with the manifest's search parameter."""
+    approximate (IVF, HNSW) on the CPU with the manifest's search parameter. With `refine` > 1
+    (8-bit codes) it takes `refine` x k hits and orders them by their exact vectors' scores."""
 
-    def __init__(self, index: Any, gpu: bool = False) -> None:
+    def __init__(self, index: Any, gpu: bool = False, refine: int = 1,
+                 exact: _ExactVectors | _ServedVectors | None = None) -> None:
         self.kind = "faiss"
         if gpu:
             faiss = _faiss()
@@ -209,11 +244,26 @@ class FaissSearch:
             index = faiss.index_cpu_to_gpu(self._resources, 0, index)
             self.kind = "faiss-gpu"
         self.index = index
+        self.refine = refine
+        self.exact = exact
 
     def search(self, users: np.ndarray | torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
         queries = as_numpy(users)  # (B, D)
-        scores, rows = self.index.search(queries, k)  # (B, k) each; -1 rows where missing
-        return scores, rows
+        if self.refine == 1 or self.exact is None:
+            return self.index.search(queries, k)  # (B, k) each; -1 rows where missing
+        wide = min(k * self.refine, self.index.ntotal)
+        _, rows = self.index.search(queries, wide)  # (B, k') approximate order
+        found = rows >= 0
+        vectors = self.exact.of_rows(rows[found])  # (F, D)
+        scores = np.full(rows.shape, -np.inf, dtype=np.float32)  # (B, k')
+        scores[found] = np.einsum("fd,fd->f", vectors, queries[np.nonzero(found)[0]])
+        order = np.argsort(-scores, axis=1, kind="stable")[:, :k]  # (B, k)
+        top = np.take_along_axis(scores, order, axis=1)
+        best = np.where(np.isfinite(top), np.take_along_axis(rows, order, axis=1), -1)
+        if k > wide:  # pad like FAISS does
+            top = np.pad(top, ((0, 0), (0, k - wide)), constant_values=-np.inf)
+            best = np.pad(best, ((0, 0), (0, k - wide)), constant_values=-1)
+        return top, best
 
 
 def load_index(market_dir: Path, checkpoint: CheckpointInfo | Checkpoint, search: str,
@@ -231,9 +281,10 @@ def load_index(market_dir: Path, checkpoint: CheckpointInfo | Checkpoint, search
     path = checked_file(market_dir, "index_file", manifest.index_file, manifest.sha256)
     encoder_path = checked_file(market_dir, "encoder_file", manifest.encoder_file,
                                 manifest.encoder_sha256)
+    assert checkpoint.items is not None
     if search == "torch":
         # The weights are the index's (checked above): the vectors come from them, no FAISS.
-        rows, vectors = market_vectors(load_checkpoint(market_dir))
+        rows, vectors = market_vectors(checkpoint)
         return MarketIndex.of(manifest, rows, vectors, checkpoint.vocab.n_rows,
                               TorchSearch(rows, vectors, device), encoder_path)
     faiss = _faiss()
@@ -241,28 +292,28 @@ def load_index(market_dir: Path, checkpoint: CheckpointInfo | Checkpoint, search
         index = faiss.read_index(str(path))  # keep this owner alive: downcasts borrow from it
     except RuntimeError as e:
         raise IndexLoadError(f"{path}: unreadable FAISS index ({e})") from e
-    inner = _checked_kind(faiss, index, manifest, path)
+    _checked_kind(faiss, index, manifest, path)
     rows = faiss.vector_to_array(index.id_map).astype(np.int64)  # (N,)
-    if manifest.kind == "ivf_ip":
-        inner.make_direct_map()  # IVF vectors sit in their lists; this finds them by position
-    vectors = inner.reconstruct_n(0, index.ntotal)  # (N, D)
-    sold = checkpoint.market_items or {}
-    expected_rows = np.sort(np.asarray(checkpoint.vocab.indices(sold), dtype=np.int64))
-    if index.d != checkpoint.d_model or not np.array_equal(np.sort(rows), expected_rows):
+    if index.d != checkpoint.d_model or not np.array_equal(np.sort(rows),
+                                                           np.sort(checkpoint.items.sold)):
         raise IndexMismatchError(f"{path}: items or width differ from the checkpoint's market")
+    # Exact vectors on demand from the shared item table: no float copy of the index per market.
+    vectors = SoldVectors(checkpoint.items, rows)
     backend: Search
     if device == "cpu":
-        backend = FaissSearch(index)
+        backend = FaissSearch(index, refine=manifest.params.get("refine", 1),
+                              exact=_ServedVectors(vectors))
     elif manifest.kind == "flat_ip" and gpu_faiss_available():
         backend = FaissSearch(index, gpu=True)
     else:  # a GPU without FAISS GPU, or an approximate kind: exact top-K in torch on the GPU
-        backend = TorchSearch(rows, vectors, device)
+        backend = TorchSearch(rows, np.asarray(vectors), device)
     return MarketIndex.of(manifest, rows, vectors, checkpoint.vocab.n_rows, backend,
                           encoder_path)
 
 
 # The FAISS class inside the IndexIDMap of each kind.
-_INNER = {"flat_ip": "IndexFlatIP", "ivf_ip": "IndexIVFFlat", "hnsw_ip": "IndexHNSWFlat"}
+_INNER = {"flat_ip": "IndexFlatIP", "ivf_ip": "IndexIVFFlat", "hnsw_ip": "IndexHNSWFlat",
+          "ivf_sq8": "IndexIVFScalarQuantizer"}
 
 
 def _checked_kind(faiss: Any, index: Any, manifest: IndexManifest, path: Path) -> Any:

@@ -19,13 +19,17 @@ from pydantic import BaseModel, ValidationError
 from service.errors import IndexLoadError
 
 INDEX_MANIFEST = "index.json"
-SCHEMA_VERSION = 3  # 2: the exported encoder joined the index; 3: approximate kinds
-READABLE_VERSIONS = (2, 3)  # a schema-2 manifest is a flat_ip one without the new fields
-IndexKind = Literal["flat_ip", "ivf_ip", "hnsw_ip"]
-INDEX_CHOICES = ("auto", "flat", "ivf", "hnsw")
+# 2: the exported encoder joined the index; 3: approximate kinds; 4: the encoder takes the item
+# embedding rows as an input (the shared item table), where 2 and 3 held the table: refused
+SCHEMA_VERSION = 4
+READABLE_VERSIONS = (4,)
+IndexKind = Literal["flat_ip", "ivf_ip", "hnsw_ip", "ivf_sq8"]
+INDEX_CHOICES = ("auto", "flat", "ivf", "hnsw", "ivf-sq8")
 # `auto` builds the exact index up to this many items: one query over 100K items x 64 took
 # about 1 ms on one core here, over 1M items 15 ms (benchmarks/README.md, scale benchmark).
+# Above it, `ivf_sq8`: a quarter of ivf_ip's memory, the same recall after its exact re-rank.
 EXACT_MAX_ITEMS = 100_000
+REFINE = 4  # ivf_sq8: hits re-ranked exactly per result wanted
 # Tried in order, steps of about 1.5x: at 1M items nprobe 64 gave recall@10 0.951 in 1.1 ms,
 # 96 gave 0.974 in 1.4 ms and 128 0.986 in 2.2 ms (benchmarks/README.md, scale benchmark).
 IVF_NPROBES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)  # <= nlist / 4
@@ -40,7 +44,7 @@ class IndexOptions:
     """How `build_index` builds: the kind, the recall floor and the parameters it may tune."""
 
     kind: str = "auto"  # auto, flat, ivf or hnsw
-    exact_max_items: int = EXACT_MAX_ITEMS  # auto: flat up to this many items, ivf above
+    exact_max_items: int = EXACT_MAX_ITEMS  # auto: flat up to this many items, ivf_sq8 above
     # (and hnsw where ivf cannot reach the floor: see service.index.build_index)
     min_recall: float = 0.95  # recall@10 against exact search that an approximate index needs
     recall_queries: int = 1000  # query vectors sampled for tuning (half) and checking (half)
@@ -50,6 +54,7 @@ class IndexOptions:
     hnsw_m: int = 32  # HNSW links per node
     ef_construction: int = 40
     ef_search: int | None = None  # HNSW; default the smallest meeting the floor
+    refine: int = REFINE  # ivf_sq8: hits re-ranked by their exact vectors, per result wanted
 
     def __post_init__(self) -> None:
         if self.kind not in INDEX_CHOICES:
@@ -58,15 +63,18 @@ class IndexOptions:
             raise ValueError(f"min_recall {self.min_recall} must lie in (0, 1]")
         if self.recall_queries < 2:
             raise ValueError("recall_queries must be at least 2")
+        if self.refine < 1:
+            raise ValueError(f"refine {self.refine} must be at least 1")
 
     def resolve(self, n_items: int) -> IndexKind:
         """The kind to build for a market of `n_items` items."""
         if self.kind == "auto":
-            return "flat_ip" if n_items <= self.exact_max_items else "ivf_ip"
+            return "flat_ip" if n_items <= self.exact_max_items else "ivf_sq8"
         return _KINDS[self.kind]
 
 
-_KINDS: dict[str, IndexKind] = {"flat": "flat_ip", "ivf": "ivf_ip", "hnsw": "hnsw_ip"}
+_KINDS: dict[str, IndexKind] = {"flat": "flat_ip", "ivf": "ivf_ip", "hnsw": "hnsw_ip",
+                                "ivf-sq8": "ivf_sq8"}
 
 
 class _SchemaVersion(BaseModel):
@@ -78,7 +86,9 @@ class IndexManifest(BaseModel):
 
     schema_version: int = SCHEMA_VERSION
     kind: IndexKind = "flat_ip"
-    params: dict[str, int] = {}  # ivf_ip: nlist, nprobe; hnsw_ip: m, ef_construction, ef_search
+    # ivf_ip: nlist, nprobe; ivf_sq8: nlist, nprobe, refine; hnsw_ip: m, ef_construction,
+    # ef_search
+    params: dict[str, int] = {}
     recall_at_10: float | None = None  # against exact search; None for the exact flat_ip
     recall_queries: int = 0  # query vectors that measured it (the check half)
     search_p50_ms: float | None = None  # one query, one thread, on the building machine

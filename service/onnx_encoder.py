@@ -1,5 +1,7 @@
 """The CPU serving encoder: a market's exported encoder (`service.export`, written by
-`xmr index build`) run by ONNX Runtime. Imports no torch, so the CPU image serves without it.
+`xmr index build`) run by ONNX Runtime on the item embedding rows that the market's
+`MarketItems` gives (the table shared by all markets). Imports no torch, so the CPU image serves
+without it.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from training.item_table import MarketItems
 from training.vocab import pad_rows
 
 
@@ -19,7 +22,7 @@ class OnnxEncoder:
     kind = "onnx"
     device = "cpu"
 
-    def __init__(self, path: Path, max_len: int, threads: int = 1) -> None:
+    def __init__(self, path: Path, items: MarketItems, max_len: int, threads: int = 1) -> None:
         # Imported here: a GPU host serving with the torch encoder needs no ONNX Runtime.
         import onnxruntime
 
@@ -31,6 +34,7 @@ class OnnxEncoder:
         # Idle intra-op threads sleep instead of spinning (with XMR_THREADS > 1): spinning
         # threads take cores from the event loop and Redis on a small machine.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.items = items
         self.max_len = max_len
         self.session = onnxruntime.InferenceSession(
             str(path), options, providers=["CPUExecutionProvider"]
@@ -38,5 +42,6 @@ class OnnxEncoder:
 
     def encode(self, sessions: Sequence[Sequence[int]]) -> np.ndarray:
         items = pad_rows(sessions, self.max_len)  # (B, T)
-        (user,) = self.session.run(["user"], {"items": items})  # (B, D)
+        embedded = self.items.embeddings(items)  # (B, T, D)
+        (user,) = self.session.run(["user"], {"items": items, "item_emb": embedded})  # (B, D)
         return np.asarray(user)

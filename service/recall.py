@@ -54,9 +54,9 @@ class Tuned:
 def sample_queries(checkpoint: Checkpoint, rows: np.ndarray, n_queries: int,
                    seed: int = 0) -> Queries:
     """`n_queries` user vectors of sessions drawn from the market (see the module docstring)."""
-    assert checkpoint.market_items is not None
+    assert checkpoint.info.items is not None
     rng = np.random.default_rng(seed)
-    counts = np.asarray(list(checkpoint.market_items.values()), dtype=np.float64)  # (N,)
+    counts = checkpoint.info.items.counts.astype(np.float64)  # (N,), in the order of `rows`
     n_head = n_queries // 2
     cdf = np.cumsum(counts) / counts.sum()
     lengths = rng.integers(1, MAX_SESSION_ITEMS + 1, size=n_head)

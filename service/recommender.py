@@ -75,13 +75,13 @@ def resolve(model: MarketModel, query: Query) -> Resolved:
 def popular_items(model: MarketModel, resolved: Resolved, k: int) -> list[tuple[str, float]]:
     """The market's most popular items (score = interactions), minus exclusions."""
     vocab = model.checkpoint.vocab
+    items = model.popular.items
     allowed = set(resolved.candidates) if resolved.candidates is not None else None
     out: list[tuple[str, float]] = []
-    for item_id, count in model.popular:
-        row = vocab.index(item_id)
+    for row, count in zip(items.sold.tolist(), items.counts.tolist(), strict=True):
         if row in resolved.excluded or (allowed is not None and row not in allowed):
             continue
-        out.append((item_id, float(count)))
+        out.append((vocab.item_id(row), float(count)))
         if len(out) == k:
             break
     return out

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 
 from service.index_manifest import IndexManifest
+from training.item_table import SoldVectors
 
 if TYPE_CHECKING:
     import torch
@@ -71,17 +72,19 @@ class MarketIndex:
 
     manifest: IndexManifest
     rows: np.ndarray  # (N,) item rows sold in the market
-    vectors: np.ndarray  # (N, D) market-shifted item vectors, float32, never normalised
-    position: np.ndarray  # (n_rows,) index position of each item row, -1 if not in the market
+    # (N, D) market-shifted item vectors, float32, never normalised; served, computed on
+    # demand from the shared item table (`SoldVectors`: indexing by positions gives an array)
+    vectors: np.ndarray | SoldVectors
+    position: np.ndarray  # (n_rows,) int32 index position of each item row, -1 if not sold
     search: Search
     encoder_path: Path  # the checked ONNX export of the market's encoder
 
     @classmethod
-    def of(cls, manifest: IndexManifest, rows: np.ndarray, vectors: np.ndarray, n_rows: int,
-           search: Search, encoder_path: Path) -> MarketIndex:
+    def of(cls, manifest: IndexManifest, rows: np.ndarray, vectors: np.ndarray | SoldVectors,
+           n_rows: int, search: Search, encoder_path: Path) -> MarketIndex:
         """The index with `position` computed for a vocabulary of `n_rows` rows."""
-        position = np.full(n_rows, -1, dtype=np.int64)
-        position[rows] = np.arange(len(rows))
+        position = np.full(n_rows, -1, dtype=np.int32)  # 4 MB per market at 1M items
+        position[rows] = np.arange(len(rows), dtype=np.int32)
         return cls(manifest, rows, vectors, position, search, encoder_path)
 
     @property

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import onnx
 import pytest
@@ -16,8 +17,11 @@ from service.encoder import (
 )
 from service.export import export_onnx
 from service.onnx_encoder import OnnxEncoder
+from training.checkpoint import Manifest, read_checkpoint_info, save_checkpoint
 from training.evaluate import pad_sessions
+from training.item_table import MarketItems
 from training.model import Bert4XMR, ModelConfig
+from training.vocab import Vocab
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -90,6 +94,18 @@ def test_serving_encoder_refuses_other_layer_shapes() -> None:
         SessionEncoder(model, 0)
 
 
+def market_items(model: Bert4XMR, market: int, tmp_path: Path) -> MarketItems:
+    """The market's items as the service reads them: from a checkpoint of `model`."""
+    codes = [f"m{m}" for m in range(model.config.n_markets)]
+    vocab = Vocab([f"I{n}" for n in range(1, model.config.n_rows)])
+    manifest = Manifest(kind="market", model_config=model.config, markets=codes,
+                        market=codes[market])
+    save_checkpoint(tmp_path / "ckpt", model, vocab, manifest, {"I1": 1})
+    items = read_checkpoint_info(tmp_path / "ckpt").items
+    assert items is not None
+    return items
+
+
 @pytest.mark.parametrize("options", OPTIONS)
 def test_onnx_encoder_equals_module(options: dict[str, object], tmp_path) -> None:
     config = ModelConfig(n_rows=300, n_markets=3, **options)  # type: ignore[arg-type]
@@ -98,7 +114,8 @@ def test_onnx_encoder_equals_module(options: dict[str, object], tmp_path) -> Non
         export_onnx(model, market, tmp_path / f"encoder-{market}.onnx")
         # loadable by every ONNX Runtime the project admits (>= 1.18 reads IR <= 10)
         assert onnx.load(tmp_path / f"encoder-{market}.onnx").ir_version == 8
-        encoder = OnnxEncoder(tmp_path / f"encoder-{market}.onnx", config.max_len)
+        encoder = OnnxEncoder(tmp_path / f"encoder-{market}.onnx",
+                              market_items(model, market, tmp_path), config.max_len)
         assert encoder.kind == "onnx"
         batch = sessions(config.n_rows, config.max_len, seed=market)
         got = torch.from_numpy(encoder.encode(batch))  # numpy: the ONNX path has no torch

@@ -54,6 +54,7 @@ def test_sampled_queries_are_the_models_user_vectors(service_artifacts: Path) ->
 @pytest.mark.parametrize("kind, params", [
     ("hnsw", {"m", "ef_construction", "ef_search"}),
     ("ivf", {"nlist", "nprobe"}),
+    ("ivf-sq8", {"nlist", "nprobe", "refine"}),
 ])
 def test_approximate_index_records_kind_parameters_and_recall(
         artifacts_copy: Path, kind: str, params: set[str]) -> None:
@@ -61,7 +62,8 @@ def test_approximate_index_records_kind_parameters_and_recall(
     # 2 IVF lists searched both: tiny markets need every list for the floor
     options = IndexOptions(kind=kind, nlist=2, nprobe=2, recall_queries=200)
     manifest = build_index(market_dir, options)
-    assert manifest.kind == f"{kind}_ip" and set(manifest.params) == params
+    assert manifest.kind == {"ivf-sq8": "ivf_sq8"}.get(kind, f"{kind}_ip")
+    assert set(manifest.params) == params
     assert manifest.recall_at_10 is not None and manifest.recall_at_10 >= 0.95
     assert manifest.recall_queries == 100 and manifest.search_p50_ms is not None
     assert read_index_manifest(market_dir) == manifest
@@ -77,14 +79,14 @@ def test_approximate_index_records_kind_parameters_and_recall(
     np.testing.assert_array_equal(np.sort(index.rows), np.sort(rows))
 
 
-def test_auto_is_exact_up_to_its_size_and_ivf_above(artifacts_copy: Path) -> None:
+def test_auto_is_exact_up_to_its_size_and_ivf_sq8_above(artifacts_copy: Path) -> None:
     market_dir = artifacts_copy / "markets" / "bb"
     n_items = read_index_manifest(market_dir).n_items
     exact = build_index(market_dir, IndexOptions(exact_max_items=n_items))
     assert exact.kind == "flat_ip" and exact.params == {} and exact.recall_at_10 is None
     above = build_index(market_dir, IndexOptions(exact_max_items=n_items - 1, nlist=2, nprobe=2,
                                                  recall_queries=100))
-    assert above.kind == "ivf_ip" and above.params == {"nlist": 2, "nprobe": 2}
+    assert above.kind == "ivf_sq8" and above.params == {"nlist": 2, "nprobe": 2, "refine": 4}
     assert build_index(market_dir).kind == "flat_ip"  # the default keeps small markets exact
 
 
@@ -134,7 +136,7 @@ def test_index_build_command_prints_recall_and_refuses_below_the_floor(
     assert (artifacts_copy / "markets" / "aa" / INDEX_MANIFEST).read_bytes() == before
     bad = runner.invoke(app, ["index", "build", "--artifacts", str(artifacts_copy),
                               "--index", "annoy"])
-    assert bad.exit_code == 1 and "one of auto, flat, ivf, hnsw" in bad.output
+    assert bad.exit_code == 1 and "one of auto, flat, ivf, hnsw, ivf-sq8" in bad.output
 
 
 def test_index_whose_file_is_not_its_manifests_kind_is_refused(artifacts_copy: Path) -> None:
@@ -146,15 +148,16 @@ def test_index_whose_file_is_not_its_manifests_kind_is_refused(artifacts_copy: P
         load_index(market_dir, load_checkpoint(market_dir), "faiss", "cpu")
 
 
-def test_schema_2_manifest_of_a_flat_index_still_loads(artifacts_copy: Path) -> None:
+@pytest.mark.parametrize("version", [2, 3])
+def test_index_whose_encoder_holds_the_item_table_asks_for_a_rebuild(
+        artifacts_copy: Path, version: int) -> None:
+    """Schema 2 and 3 encoders hold the item table; schema 4 takes the shared table's rows."""
     market_dir = artifacts_copy / "markets" / "cc"
     data = json.loads((market_dir / INDEX_MANIFEST).read_text())
-    for field in ("params", "recall_at_10", "recall_queries", "search_p50_ms", "build_seconds"):
-        del data[field]
-    data["schema_version"] = 2
+    data["schema_version"] = version
     (market_dir / INDEX_MANIFEST).write_text(json.dumps(data))
-    index = load_index(market_dir, load_checkpoint(market_dir), "faiss", "cpu")
-    assert index.manifest.kind == "flat_ip" and index.exact
+    with pytest.raises(IndexLoadError, match=rf"schema_version {version}, .*xmr index build"):
+        load_index(market_dir, load_checkpoint(market_dir), "faiss", "cpu")
 
 
 def test_markets_route_reports_the_index_kind_and_its_recall(artifacts_copy: Path,

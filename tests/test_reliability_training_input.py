@@ -5,7 +5,6 @@ with one user, duplicate rows. Bad input is one clear line naming the file (and 
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from service.cli import app
-from training.checkpoint import file_sha256, load_checkpoint
+from training.checkpoint import file_sha256, load_checkpoint, read_checkpoint_info
 
 runner = CliRunner()
 HEADER = "userId itemId rate date\n"
@@ -142,6 +141,6 @@ def test_duplicate_rows_are_dropped_and_counted_once(tmp_path: Path,
         out = data.parent / "artifacts"
         code, output = train(data, out, tiny_config_file)
         assert code == 0, output
-        counts.append(json.loads((out / "markets" / "bb" / "market_items.json").read_text()))
+        counts.append(read_checkpoint_info(out / "markets" / "bb").market_items)
     assert counts[0] == counts[1]
     assert len(rows) - sum(counts[0].values()) <= 1  # 1 user's last item held out (split none)

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from training.checkpoint import file_sha256
+from training.item_table import SoldVectors
 
 # Item-to-item statistics stored per neighbour pair (i in the session, j a candidate):
 # "cooc"  |users with i and j| / sqrt(|users with i| |users with j|), all markets;
@@ -124,7 +125,8 @@ class ItemVectors:
     """The market's items and their vectors v_m(i), as the index holds them."""
 
     rows: np.ndarray  # (N,) item rows sold in the market
-    vectors: np.ndarray  # (N, D) float32
+    # (N, D) float32; served, `SoldVectors` computes them on demand from the shared table
+    vectors: np.ndarray | SoldVectors
     position: np.ndarray  # (n_rows,) index of each row in `rows`, -1 where not sold
 
 
