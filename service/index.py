@@ -294,9 +294,12 @@ def load_index(market_dir: Path, checkpoint: CheckpointInfo | Checkpoint, search
         raise IndexLoadError(f"{path}: unreadable FAISS index ({e})") from e
     _checked_kind(faiss, index, manifest, path)
     rows = faiss.vector_to_array(index.id_map).astype(np.int64)  # (N,)
-    if index.d != checkpoint.d_model or not np.array_equal(np.sort(rows),
-                                                           np.sort(checkpoint.items.sold)):
+    sold = checkpoint.items.sold
+    in_order = np.array_equal(rows, sold)  # as build_index adds them
+    if index.d != checkpoint.d_model or not (
+            in_order or np.array_equal(np.sort(rows), np.sort(sold))):
         raise IndexMismatchError(f"{path}: items or width differ from the checkpoint's market")
+    rows = sold if in_order else rows  # one array of rows per market, not two
     # Exact vectors on demand from the shared item table: no float copy of the index per market.
     vectors = SoldVectors(checkpoint.items, rows)
     backend: Search

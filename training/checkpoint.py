@@ -373,7 +373,7 @@ def _mapped(weights: Path) -> dict[str, np.ndarray]:
     try:
         return mapped_tensors(weights)
     except TableError as e:
-        raise CheckpointError(str(e)) from e
+        raise CheckpointError(f"unreadable weights: {e}") from e
 
 
 def _tensor(path: Path, tensors: dict[str, np.ndarray], name: str) -> np.ndarray:
@@ -438,7 +438,7 @@ def _read_sold_json(path: Path, vocab: Vocab) -> tuple[np.ndarray, np.ndarray]:
     if not all(isinstance(c, int) and c >= 0 for c in market_items.values()):
         raise CheckpointError(f"{path / MARKET_ITEMS}: counts must be integers >= 0")
     return (np.asarray(vocab.indices(market_items), dtype=np.int64),
-            np.asarray(list(market_items.values()), dtype=np.int64))
+            np.asarray(list(market_items.values()), dtype=np.int32))
 
 
 def _read_sold(path: Path, n_rows: int) -> tuple[np.ndarray, np.ndarray]:
@@ -448,7 +448,7 @@ def _read_sold(path: Path, n_rows: int) -> tuple[np.ndarray, np.ndarray]:
     try:
         with safe_open(str(file), framework="numpy") as f:
             rows = f.get_tensor("rows").astype(np.int64)
-            counts = f.get_tensor("counts").astype(np.int64)
+            counts = f.get_tensor("counts").astype(np.int32)
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{file}: unreadable sold items, tensors rows and counts ({e})"
                               ) from e
@@ -524,8 +524,8 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu",
         state.pop(CHANGED_ROWS, None)
         state.pop(CHANGED, None)
         table = torch.from_numpy(np.array(info.table.rows))  # (n_rows, D), a writable copy
-        rows = info.items.changed_rows
-        table[torch.from_numpy(rows)] = torch.from_numpy(np.array(info.items.changed))
+        rows = torch.from_numpy(np.array(info.items.changed_rows))  # copies: the map is read-only
+        table[rows] = torch.from_numpy(np.array(info.items.changed))
         state[ITEM_TABLE] = table
     model = Bert4XMR(manifest.model_config)
     try:

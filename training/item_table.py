@@ -96,7 +96,7 @@ class MarketItems:
 
     table: ItemTable
     sold: np.ndarray  # (S,) int64 item rows, most popular first
-    counts: np.ndarray  # (S,) int64 training interactions of each
+    counts: np.ndarray  # (S,) int32 training interactions of each
     changed_rows: np.ndarray  # (C,) int64, sorted: rows whose embedding differs from `table`
     changed: np.ndarray  # (C, D) float32
     side: OutputSide
@@ -115,9 +115,10 @@ class MarketItems:
         """v_m(i) of the given rows, (N, D) float32: the same function as
         `Bert4XMR.item_vectors`, without torch."""
         side = self.side
-        x = self.embeddings(np.asarray(rows, dtype=np.int64)) + side.output_shift  # (N, D)
-        mean = x.mean(axis=-1, keepdims=True)
-        centred = x - mean
+        # in float64, then rounded once: within float32 rounding of torch's float32 LayerNorm
+        x = self.embeddings(np.asarray(rows, dtype=np.int64)).astype(np.float64)  # (N, D)
+        x += side.output_shift
+        centred = x - x.mean(axis=-1, keepdims=True)
         var = (centred * centred).mean(axis=-1, keepdims=True)
         y = centred / np.sqrt(var + side.eps) * side.norm_weight + side.norm_bias
         if side.projection is not None:
