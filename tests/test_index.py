@@ -196,3 +196,20 @@ def test_index_of_the_previous_schema_asks_for_a_rebuild(artifacts_copy: Path) -
     (market_dir / INDEX_MANIFEST).write_text('{"schema_version": "two"}')
     with pytest.raises(IndexLoadError, match="invalid index manifest"):
         read_index_manifest(market_dir)
+
+
+def test_markets_of_a_bundle_share_one_mapped_item_table(service_artifacts: Path) -> None:
+    """`xmr train` writes markets sharing the global table (schema 2): one server maps it once
+    and holds no float copy of any market's item vectors."""
+    bundle = load_bundle(service_artifacts, None, "faiss", "cpu")
+    tables = {id(model.checkpoint.table) for model in bundle.markets.values()}
+    assert len(bundle.markets) == 3 and len(tables) == 1
+    model = bundle.market("aa")
+    assert isinstance(model.checkpoint.table.rows, np.memmap)
+    assert model.checkpoint.table.path.resolve() == (service_artifacts / "global").resolve()
+    assert not isinstance(model.index.vectors, np.ndarray)  # computed on demand
+    rows = model.index.rows[:5]
+    ckpt = load_checkpoint(service_artifacts / "markets" / "aa")
+    with torch.inference_mode():
+        want = ckpt.model.item_vectors(ckpt.market_row)[torch.from_numpy(rows)].numpy()
+    np.testing.assert_allclose(model.index.vectors[np.arange(5)], want, rtol=1e-5, atol=1e-5)
