@@ -6,9 +6,8 @@ that ties both to the checkpoint's weights, loaded and checked. The only module 
 All kinds (`service.index_manifest`) are inner product over the unnormalised vectors in an
 `IndexIDMap` (ids = item rows). An approximate one is tuned at build time to a recall floor
 against exact search (`service.recall`); one that cannot reach it is refused, nothing written.
-`ivf_sq8` keeps 8-bit codes (a quarter of the floats) and re-ranks `refine` x k of its hits by
-their exact vectors, computed from the item table that every market of a server shares: the
-server holds no float copy of any market's vectors.
+`ivf_sq8` keeps 8-bit codes and re-ranks `refine` x k hits by their exact vectors, computed from
+the item table all markets share (`service.search.rerank`).
 """
 
 from __future__ import annotations
@@ -39,7 +38,7 @@ from service.index_manifest import (
     write_addressed,
     write_index_manifest,
 )
-from service.search import MarketIndex, Search, TorchSearch, as_numpy
+from service.search import MarketIndex, RowVectors, Search, TorchSearch, as_numpy, rerank
 from training.checkpoint import Checkpoint, CheckpointInfo, Tables, load_checkpoint
 from training.item_table import SoldVectors
 
@@ -79,8 +78,8 @@ def build_index(market_dir: Path, options: IndexOptions | None = None,
     """Write `index-<version>.faiss` and `encoder-<sha>.onnx`, then atomically replace
     `index.json`; the files of earlier builds go. An approximate index below the recall floor
     raises `IndexRecallError` before anything is written: the current index keeps serving
-    (`auto` tries HNSW where IVF falls short, and raises if HNSW does too). `tables`: item
-    tables already read (one per global checkpoint), shared across a loop over markets."""
+    (`auto` tries HNSW where IVF falls short, and raises if HNSW does too). `tables`: the item
+    tables read so far, shared by a loop over markets."""
     from service.export import export_onnx
 
     options = options or IndexOptions()
@@ -138,17 +137,13 @@ def _build_faiss(checkpoint: Checkpoint, rows: np.ndarray, vectors: np.ndarray,
         index = faiss.IndexIDMap(faiss.IndexFlatIP(d))
         index.add_with_ids(vectors, rows)
         return index, kind, {}, None
-    refine = 1
+    refine = options.refine if kind == "ivf_sq8" else 1
     if kind in ("ivf_ip", "ivf_sq8"):
         nlist = options.nlist or default_nlist(n)
-        if kind == "ivf_ip":
-            inner = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist,
-                                       faiss.METRIC_INNER_PRODUCT)
-        else:
-            inner = faiss.IndexIVFScalarQuantizer(faiss.IndexFlatIP(d), d, nlist,
-                                                  faiss.ScalarQuantizer.QT_8bit,
-                                                  faiss.METRIC_INNER_PRODUCT)
-            refine = options.refine
+        inner = (faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
+                 if kind == "ivf_ip" else faiss.IndexIVFScalarQuantizer(
+                     faiss.IndexFlatIP(d), d, nlist, faiss.ScalarQuantizer.QT_8bit,
+                     faiss.METRIC_INNER_PRODUCT))
         inner.cp.seed = options.seed
         # 64 training points per list: k-means wants 39 or more; FAISS's default, 256, is 4x
         sample = np.random.default_rng(options.seed).choice(n, size=min(n, 64 * nlist),
@@ -168,7 +163,7 @@ def _build_faiss(checkpoint: Checkpoint, rows: np.ndarray, vectors: np.ndarray,
     queries = recall.sample_queries(checkpoint, rows, options.recall_queries, options.seed)
     threads = faiss.omp_get_max_threads()
     faiss.omp_set_num_threads(1)  # the latency recorded is one query on one thread
-    searcher = FaissSearch(index, refine=refine, exact=_ExactVectors(rows, vectors))
+    searcher = FaissSearch(index, refine=refine, exact=RowVectors.of_array(rows, vectors))
     try:
         tuned = recall.tune(lambda batch, k: searcher.search(batch, k)[1], set_value,
                             values, queries, rows, vectors,
@@ -209,34 +204,13 @@ def gpu_faiss_available() -> bool:
     return get_num_gpus is not None and get_num_gpus() > 0
 
 
-class _ExactVectors:
-    """Vectors by item row from an array in index order (the build's vectors)."""
-
-    def __init__(self, rows: np.ndarray, vectors: np.ndarray) -> None:
-        self.position = {int(row): i for i, row in enumerate(rows.tolist())}
-        self.vectors = vectors
-
-    def of_rows(self, rows: np.ndarray) -> np.ndarray:
-        return self.vectors[[self.position[int(r)] for r in rows.tolist()]]
-
-
-class _ServedVectors:
-    """Vectors by item row from the market's `MarketItems` (the shared table)."""
-
-    def __init__(self, vectors: SoldVectors) -> None:
-        self.items = vectors.items
-
-    def of_rows(self, rows: np.ndarray) -> np.ndarray:
-        return self.items.vectors(rows)
-
-
 class FaissSearch:
     """FAISS inner-product search over an `IndexIDMap`: exact (flat) on the CPU or a GPU,
     approximate (IVF, HNSW) on the CPU with the manifest's search parameter. With `refine` > 1
     (8-bit codes) it takes `refine` x k hits and orders them by their exact vectors' scores."""
 
     def __init__(self, index: Any, gpu: bool = False, refine: int = 1,
-                 exact: _ExactVectors | _ServedVectors | None = None) -> None:
+                 exact: RowVectors | None = None) -> None:
         self.kind = "faiss"
         if gpu:
             faiss = _faiss()
@@ -253,17 +227,7 @@ class FaissSearch:
             return self.index.search(queries, k)  # (B, k) each; -1 rows where missing
         wide = min(k * self.refine, self.index.ntotal)
         _, rows = self.index.search(queries, wide)  # (B, k') approximate order
-        found = rows >= 0
-        vectors = self.exact.of_rows(rows[found])  # (F, D)
-        scores = np.full(rows.shape, -np.inf, dtype=np.float32)  # (B, k')
-        scores[found] = np.einsum("fd,fd->f", vectors, queries[np.nonzero(found)[0]])
-        order = np.argsort(-scores, axis=1, kind="stable")[:, :k]  # (B, k)
-        top = np.take_along_axis(scores, order, axis=1)
-        best = np.where(np.isfinite(top), np.take_along_axis(rows, order, axis=1), -1)
-        if k > wide:  # pad like FAISS does
-            top = np.pad(top, ((0, 0), (0, k - wide)), constant_values=-np.inf)
-            best = np.pad(best, ((0, 0), (0, k - wide)), constant_values=-1)
-        return top, best
+        return rerank(queries, rows, self.exact, k)
 
 
 def load_index(market_dir: Path, checkpoint: CheckpointInfo | Checkpoint, search: str,
@@ -282,8 +246,7 @@ def load_index(market_dir: Path, checkpoint: CheckpointInfo | Checkpoint, search
     encoder_path = checked_file(market_dir, "encoder_file", manifest.encoder_file,
                                 manifest.encoder_sha256)
     assert checkpoint.items is not None
-    if search == "torch":
-        # The weights are the index's (checked above): the vectors come from them, no FAISS.
+    if search == "torch":  # vectors from the weights checked above, no FAISS
         rows, vectors = market_vectors(checkpoint)
         return MarketIndex.of(manifest, rows, vectors, checkpoint.vocab.n_rows,
                               TorchSearch(rows, vectors, device), encoder_path)
@@ -300,17 +263,16 @@ def load_index(market_dir: Path, checkpoint: CheckpointInfo | Checkpoint, search
             in_order or np.array_equal(np.sort(rows), np.sort(sold))):
         raise IndexMismatchError(f"{path}: items or width differ from the checkpoint's market")
     rows = sold if in_order else rows  # one array of rows per market, not two
-    # Exact vectors on demand from the shared item table: no float copy of the index per market.
-    vectors = SoldVectors(checkpoint.items, rows)
+    served = SoldVectors(checkpoint.items, rows)  # on demand: no float copy per market
     backend: Search
     if device == "cpu":
         backend = FaissSearch(index, refine=manifest.params.get("refine", 1),
-                              exact=_ServedVectors(vectors))
+                              exact=RowVectors(checkpoint.items.vectors))
     elif manifest.kind == "flat_ip" and gpu_faiss_available():
         backend = FaissSearch(index, gpu=True)
     else:  # a GPU without FAISS GPU, or an approximate kind: exact top-K in torch on the GPU
-        backend = TorchSearch(rows, np.asarray(vectors), device)
-    return MarketIndex.of(manifest, rows, vectors, checkpoint.vocab.n_rows, backend,
+        backend = TorchSearch(rows, np.asarray(served), device)
+    return MarketIndex.of(manifest, rows, served, checkpoint.vocab.n_rows, backend,
                           encoder_path)
 
 

@@ -9,6 +9,7 @@ torch is imported only by the torch backend, so serving with FAISS and ONNX Runt
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -34,6 +35,37 @@ def as_numpy(users: np.ndarray | torch.Tensor) -> np.ndarray:
     if not isinstance(users, np.ndarray):
         users = users.detach().float().cpu().numpy()
     return np.ascontiguousarray(users, dtype=np.float32)
+
+
+class RowVectors:
+    """Exact item vectors by item row: `of_rows(rows (F,)) -> (F, D)` float32."""
+
+    def __init__(self, of_rows: Callable[[np.ndarray], np.ndarray]) -> None:
+        self.of_rows = of_rows
+
+    @classmethod
+    def of_array(cls, rows: np.ndarray, vectors: np.ndarray) -> RowVectors:
+        """From vectors (N, D) of `rows` (N,) held in an array (a build's)."""
+        position = {int(row): i for i, row in enumerate(rows.tolist())}
+        return cls(lambda wanted: vectors[[position[int(r)] for r in wanted.tolist()]])
+
+
+def rerank(queries: np.ndarray, rows: np.ndarray, exact: RowVectors | None,
+           k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k best of each query's hits `rows` (B, k') by their exact scores, padded like FAISS
+    (-inf, -1): the second step of an index with approximate codes (`ivf_sq8`)."""
+    assert exact is not None
+    found = rows >= 0
+    vectors = exact.of_rows(rows[found])  # (F, D)
+    scores = np.full(rows.shape, -np.inf, dtype=np.float32)  # (B, k')
+    scores[found] = np.einsum("fd,fd->f", vectors, queries[np.nonzero(found)[0]])
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]  # (B, min(k, k'))
+    top = np.take_along_axis(scores, order, axis=1)
+    best = np.where(np.isfinite(top), np.take_along_axis(rows, order, axis=1), -1)
+    if k > rows.shape[1]:
+        top = np.pad(top, ((0, 0), (0, k - rows.shape[1])), constant_values=-np.inf)
+        best = np.pad(best, ((0, 0), (0, k - rows.shape[1])), constant_values=-1)
+    return top, best
 
 
 class TorchSearch:

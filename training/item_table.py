@@ -22,6 +22,7 @@ from training.vocab import Vocab
 ITEM_TABLE = "item_emb.weight"  # the tensor of the item embedding in every checkpoint
 CHANGED_ROWS = "item_emb.changed_rows"  # schema-2 market: (C,) int64 rows it changed, sorted
 CHANGED = "item_emb.changed"  # schema-2 market: (C, D) float32 their values
+MAX_HEADER = 100_000_000  # bytes; safetensors' own readers refuse larger headers too
 _DTYPES = {"F32": np.float32, "F64": np.float64, "I64": np.int64, "I32": np.int32,
            "F16": np.float16, "BF16": None, "BOOL": np.bool_}
 
@@ -34,12 +35,14 @@ def mapped_tensors(path: Path) -> dict[str, np.ndarray]:
     """Every tensor of a safetensors file as a read-only numpy memory map (no copy, no torch):
     pages are read when touched and shared by every process that maps the same file."""
     try:
+        total = path.stat().st_size
         with path.open("rb") as f:
             (size,) = struct.unpack("<Q", f.read(8))
+            if size > min(total - 8, MAX_HEADER):
+                raise TableError(f"{path}: not a safetensors file (header of {size} bytes)")
             header = json.loads(f.read(size))
         start = 8 + size
         out: dict[str, np.ndarray] = {}
-        total = path.stat().st_size
         for name, spec in header.items():
             if name == "__metadata__":
                 continue
@@ -145,6 +148,6 @@ class SoldVectors:
     def __getitem__(self, positions: np.ndarray | slice) -> np.ndarray:
         return self.items.vectors(self.rows[positions])
 
-    def __array__(self, dtype: object = None, copy: object = None) -> np.ndarray:
+    def __array__(self, dtype: np.dtype | None = None, copy: bool | None = None) -> np.ndarray:
         out = self.items.vectors(self.rows)
         return out if dtype is None else out.astype(dtype)
