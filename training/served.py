@@ -60,7 +60,7 @@ def item_vectors(model: Bert4XMR, market_row: int, market_items: np.ndarray) -> 
 def retrieve(items: ItemVectors, users: np.ndarray, depth: int) -> np.ndarray:
     """The rows of each user's exact inner-product top-`depth` (B, depth), as the market's
     flat index returns them (in no particular order; the ranker uses the set)."""
-    scores = users.astype(np.float32) @ items.vectors.T  # (B, N)
+    scores = users.astype(np.float32) @ np.asarray(items.vectors).T  # (B, N)
     if depth >= scores.shape[1]:
         return np.broadcast_to(items.rows, scores.shape).copy()
     top = np.argpartition(-scores, depth - 1, axis=1)[:, :depth]  # (B, depth)
