@@ -22,7 +22,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from client import rss_kib
 
 from service.index import build_index
 from service.index_manifest import IndexOptions
@@ -136,7 +135,3 @@ def disk_mib(out: Path) -> dict[str, float]:
             "indexes_mib": size(p for p in markets if p.name.startswith("index-")),
             "encoders_mib": size(p for p in markets if p.name.startswith("encoder-"))}
 
-
-def serving_rss(server_pid: int, tree_rss_kib: Any) -> dict[str, float]:
-    return {"server_rss_mib": round(tree_rss_kib(server_pid) / 1024, 1),
-            "server_main_rss_mib": round(rss_kib(server_pid) / 1024, 1)}
