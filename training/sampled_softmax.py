@@ -72,7 +72,8 @@ class NegativeSampler:
         picked = np.searchsorted(cumulative, rng.random(self.n_draws) * cumulative[-1],
                                  side="right").clip(max=len(cumulative) - 1)
         position, count = np.unique(picked, return_counts=True)
-        weight = np.diff(cumulative, prepend=0.0)[position]  # (U,) unnormalised q
+        below = np.where(position > 0, cumulative[position - 1], 0.0)
+        weight = cumulative[position] - below  # (U,) unnormalised q, O(U) not O(N)
         correction = np.log(count) - np.log(self.n_draws * weight / cumulative[-1])
         return Negatives(torch.as_tensor(self.rows[market_row][position], device=device),
                          torch.as_tensor(correction, dtype=torch.float32, device=device))

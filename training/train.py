@@ -187,9 +187,13 @@ class TrainingStep:
                              "(above sampled_above), which has no label_smoothing: set "
                              "softmax='full' or label_smoothing=0")
         model.to(device)
-        sparse = self.softmax == "sampled" and not config.freeze_items
+        dist = dist or Distributed.single()
+        # NCCL has no sparse all-reduce: several GPU processes keep the table dense (a GPU
+        # steps a million rows quickly); gloo (CPU) reduces sparse gradients.
+        sparse = (self.softmax == "sampled" and not config.freeze_items
+                  and not (dist.world_size > 1 and str(device).startswith("cuda")))
         model.item_emb.sparse = sparse
-        self.wrapped = (dist or Distributed.single()).wrap(model)
+        self.wrapped = dist.wrap(model)
         table = model.item_emb.weight
         dense_table = not (config.freeze_items or sparse)
         self.optimizers: list[torch.optim.Optimizer] = [torch.optim.AdamW(
