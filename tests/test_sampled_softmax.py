@@ -65,15 +65,19 @@ def test_sampled_loss_with_every_item_drawn_once_equals_the_full_loss(
     assert sampled.item() == pytest.approx(full.item(), rel=1e-5)
 
 
-def test_sampled_distillation_equals_the_full_one_where_the_teacher_knows_every_item() -> None:
+@pytest.mark.parametrize(("k", "everything_known"), [(100, True), (3, True), (3, False)])
+def test_sampled_distillation_with_every_item_drawn_once_equals_the_full_one(
+    k: int, everything_known: bool
+) -> None:
     model, seqs, inputs, targets, owned, allowed = _batch()
-    # Every pair of items 1..12 co-occurs in 30 sessions: the teacher knows every item.
-    everything = [list(range(1, N_ROWS))] * 30
-    teacher = build_teacher(everything + seqs, N_ROWS)
+    # With 30 sessions of all items 1..12 the teacher knows every item; without them most
+    # items are unknown to it (a logit of 0): the top k, the rest known, the rest unknown.
+    teacher = build_teacher(([list(range(1, N_ROWS))] * 30 if everything_known else []) + seqs,
+                            N_ROWS)
     full = _loss(model, inputs, targets, 1, 0.0, True, allowed, teacher, owned, distill=1.0)
     plain = _loss(model, inputs, targets, 1, 0.0, True, allowed)
     sampled = sampled_loss(model, inputs, targets, 1, _every_item_once(allowed), True,
-                           allowed, teacher, owned, distill=1.0, distill_top=100)
+                           allowed, teacher, owned, distill=1.0, distill_top=k)
     assert full.item() > plain.item() + 1e-3  # the distillation term is there
     assert sampled.item() == pytest.approx(full.item(), rel=1e-5)
 
@@ -85,15 +89,18 @@ def test_teacher_top_items_are_the_dense_teachers_distribution() -> None:
     usable = allowed.expand_as(scores).clone().scatter_(1, inputs, False)
     dense = torch.log_softmax((scores / 0.5).masked_fill(~usable, float("-inf")), 1)
     top = teacher.top(inputs, owned, allowed, True, k=3)
+    informed = (scores * usable).amax(1) > 0
+    assert torch.equal(top.informed, informed)
     known = top.rows != 0
     assert bool(known.any())
-    picked = dense.gather(1, top.rows)
-    assert torch.allclose(top.log_probs[known], picked[known], atol=1e-5)
-    rest = 1.0 - torch.where(known, picked.exp(), 0.0).sum(1)  # everything outside the top
-    assert torch.allclose(top.log_rest.exp(), rest, atol=1e-5)
-    best = torch.where(usable & (scores > 0), dense, float("-inf")).topk(3, 1).values
-    assert torch.allclose(top.log_probs[known], best[known], atol=1e-5)
-    assert torch.equal(top.informed, (scores * usable).amax(1) > 0)
+    assert torch.allclose(top.probs[known], dense.exp().gather(1, top.rows)[known], atol=1e-6)
+    best = torch.where(usable & (scores > 0), dense, float("-inf")).topk(3, 1).values.exp()
+    assert torch.allclose(top.probs[known], best[known], atol=1e-6)
+    every = top.probs_at(torch.arange(N_ROWS))  # (B, N)
+    assert torch.allclose(every[usable & informed[:, None]],
+                          dense.exp()[usable & informed[:, None]], atol=1e-6)
+    entropy = torch.where(usable, dense.exp() * dense, 0.0).sum(1)
+    assert torch.allclose(top.neg_entropy[informed], entropy[informed], atol=1e-5)
 
 
 def test_logq_correction_makes_the_partition_estimate_unbiased() -> None:

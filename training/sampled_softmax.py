@@ -101,7 +101,8 @@ def sampled_loss(
     distill_top: int = 100,
 ) -> torch.Tensor:
     """Mean cross-entropy of the hidden items (B, M) against the shared `negatives`, plus
-    `distill` times the KL from the teacher on its `distill_top` best items and the rest
+    `distill` times the KL from the teacher, exact on its `distill_top` best items of each
+    example and estimated from the negatives on the rest
     (training.distill.sampled_distillation_loss); no (B, N) matrix is formed."""
     b = inputs.shape[0]
     example, positives = (targets != PAD).nonzero(as_tuple=True)  # (R,), (R,)
@@ -115,7 +116,8 @@ def sampled_loss(
     market = torch.full((b,), market_row, dtype=torch.long, device=inputs.device)
     users, vectors = model(inputs, market, rows)  # (B, D), (C, D)
     n_neg, n_pos = len(negatives.rows), len(positives)
-    scores = users @ vectors[inverse[:n_neg]].T + negatives.correction  # (B, U)
+    raw = users @ vectors[inverse[:n_neg]].T  # (B, U)
+    scores = raw + negatives.correction  # (B, U)
     if exclude_visible:
         scores = scores.masked_fill(contains(inputs, negatives.rows), float("-inf"))
     positive = (users[example] * vectors[inverse[n_neg:n_neg + n_pos]]).sum(-1)  # (R,)
@@ -127,10 +129,11 @@ def sampled_loss(
     top_vectors = vectors[inverse[n_neg + n_pos:]].reshape(b, -1, vectors.shape[1])  # (B, k, D)
     top_scores = torch.einsum("bd,bkd->bk", users, top_vectors)  # (B, k)
     top_scores = top_scores.masked_fill(top.rows == PAD, FAR)
-    # The estimate of the rest of the partition sum: negatives outside each example's top.
+    # The rest of each example's partition sum: its negatives outside its top items.
     outside = torch.isfinite(scores) & ~contains(top.rows, negatives.rows)  # (B, U)
-    rest = scores.masked_fill(~outside, FAR).logsumexp(1)  # (B,)
-    total = torch.logaddexp(top_scores.logsumexp(1), rest)  # (B,) log of the estimated sum
-    kl = sampled_distillation_loss(top, top_scores - total[:, None], rest - total,
-                                   outside.any(1))
+    log_sum = torch.logaddexp(top_scores.logsumexp(1),
+                              scores.masked_fill(~outside, FAR).logsumexp(1))  # (B,)
+    kl = sampled_distillation_loss(
+        top, top_scores, negatives.rows, torch.where(outside, raw, 0.0),
+        torch.where(outside, negatives.correction.exp(), 0.0), log_sum)
     return nll + distill * kl
