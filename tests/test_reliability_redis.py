@@ -39,19 +39,21 @@ def test_redis_kill_and_restart_loses_no_acknowledged_event(
     with make_service_client(redis_url=persistent_redis.url, session_max_items=50) as client:
 
         def writer(w: int) -> None:
-            n = 0
+            n, session_no, position = 0, 0, 0  # n: events acknowledged by this writer
             while not stop.is_set() and n < 400:
-                session = f"w{w}-s{n // max_events}"
-                event = f"ev-{w}-{n}"
+                session = f"w{w}-s{session_no}"
+                event = f"ev-{w}-{session_no}-{position}"
                 r = client.post(f"/markets/aa/sessions/{session}/events", json={"items": [event]})
                 statuses["events"].append(r.status_code)
                 if r.status_code == 200:
                     acked.setdefault(session, []).append(event)
-                    n += 1
+                    n, position = n + 1, position + 1
+                    if position == max_events:
+                        session_no, position = session_no + 1, 0
                 else:
                     assert r.status_code == 503 and r.json()["error"] == \
                         "session_store_unavailable", r.text
-                    n += max_events - n % max_events  # move on to a fresh session
+                    session_no, position = session_no + 1, 0  # move on to a fresh session
                     time.sleep(0.01)
 
         def reader() -> None:
