@@ -15,9 +15,13 @@ measured side by side in one run (benchmarks/README.md has the results and the c
 4. workers: recommend at concurrency 8 on the smallest size, 1 and 2 workers, alternated.
 5. market sets: per size, market count and layout (`market_set.py`), a global checkpoint and
    every market's checkpoint and index on disk, and one server holding them all: its RSS.
+6. training (first; `--only-training` runs only this): sequences/s of pre-training steps
+   (`training.train.TrainingStep`, one thread) at each size, full and sampled softmax, with
+   and without distillation, and full-ranking validation's cost per user.
 
-The artifacts are written here, not trained (a full softmax over a million items is out of
-reach on this machine until training samples its softmax): a Bert4XMR of the default shape
+The artifacts are written here, not trained (training now samples its softmax above 20K items,
+but a whole 1M-item `xmr train`, with full-ranking validation at ~0.1 s per user, was not run on
+this machine): a Bert4XMR of the default shape
 (d_model 64, 2 layers) with torch's random initialisation, to whose item embeddings a direction
 of a rank-64 PureSVD of the synthetic user-item matrix is added (items bought by the same users
 point the same way, as in a trained model; the init noise keeps items with the same buyers
@@ -33,9 +37,11 @@ import argparse
 import asyncio
 import json
 import os
+import resource
 import shutil
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -54,8 +60,13 @@ from service.index import build_index, load_index, set_search_threads
 from service.index_manifest import HNSW_EF_SEARCHES, IVF_NPROBES, IndexOptions, default_nlist
 from service.recall import exact_kth_scores, recall_at_k, sample_queries
 from training.checkpoint import Manifest, load_checkpoint, save_checkpoint
+from training.config import FitConfig, TrainConfig
 from training.data import read_dataset
+from training.evaluate import model_scorer, rank_split
+from training.model import Bert4XMR, ModelConfig
+from training.split import MarketSplit
 from training.synthetic import MarketRows, ScaleSpec, generate_scale, write_scale
+from training.train import TrainingStep, _batches
 from training.vocab import Vocab
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,6 +95,93 @@ def generation(sizes: list[int], market_counts: list[int], workdir: Path) -> lis
             results.append(result)
             shutil.rmtree(out)
     return results
+
+
+def training_splits(spec: ScaleSpec) -> list[tuple[MarketSplit, int]]:
+    """The scale workload as training splits: every user's items in time order, all for
+    training (item number n is row n + 1; no held-out items)."""
+    empty = np.zeros(0, dtype=np.int64)
+    splits = []
+    for market_row, rows in enumerate(generate_scale(spec)):
+        starts = np.r_[0, np.flatnonzero(np.diff(rows.users)) + 1, len(rows.users)]
+        items = rows.items + 1
+        train = [items[a:b].tolist() for a, b in zip(starts[:-1], starts[1:], strict=True)]
+        splits.append((MarketSplit(rows.market, "full", 0, [], train, empty, empty, empty,
+                                   np.unique(items)), market_row))
+    return splits
+
+
+def training_throughput(sizes: list[int], softmaxes: list[str], distills: list[float],
+                        full_up_to: int, steps: int) -> list[dict[str, Any]]:
+    """Pre-training steps at each size (7 markets, users = items / 2) for each softmax and
+    distillation weight, with the default TrainConfig and FitConfig otherwise (one thread):
+    sequences/s over `steps` batches after 2 of warm-up, and what full-ranking validation
+    costs per user. `per_sequence_vs_smallest_full`: time per sequence over that of the
+    smallest catalogue's full softmax with the same distillation (the 2x goal of issue 12)."""
+    config = TrainConfig()
+    results = []
+    for n_items in sizes:
+        spec = ScaleSpec(n_items=n_items, n_markets=7, n_users=n_items // 2)
+        splits = training_splits(spec)
+        for softmax in softmaxes:
+            if softmax == "full" and n_items > full_up_to:
+                continue
+            for distill in distills:
+                fit_config = replace(config.pretrain, softmax=softmax, distill=distill)
+                results.append(time_steps(splits, spec.n_markets, config, fit_config, steps))
+    for result in results:
+        base = next((r for r in results if r["items"] == min(sizes) and r["softmax"] == "full"
+                     and r["distill"] == result["distill"]), None)
+        if base is not None:
+            result["per_sequence_vs_smallest_full"] = round(
+                base["sequences_per_s"] / result["sequences_per_s"], 2)
+    return results
+
+
+def time_steps(splits: list[tuple[MarketSplit, int]], n_markets: int, config: TrainConfig,
+               fit_config: FitConfig, steps: int) -> dict[str, Any]:
+    n_rows = max(int(split.market_items.max()) for split, _ in splits) + 1
+    torch.manual_seed(0)
+    model = Bert4XMR(ModelConfig(n_rows=n_rows, n_markets=n_markets, **config.model_kwargs()))
+    started = time.perf_counter()
+    step = TrainingStep(model, splits, fit_config)
+    setup_s = time.perf_counter() - started
+    rng = np.random.default_rng(0)
+    batches = _batches(splits, fit_config.batch_size, rng)[: steps + 2]
+    model.train()
+    for market_row, seqs in batches[:2]:
+        step(market_row, seqs, rng)
+    started = time.perf_counter()
+    for market_row, seqs in batches[2:]:
+        step(market_row, seqs, rng)
+    seconds = time.perf_counter() - started
+    step.close()
+    sequences = sum(len(seqs) for _, seqs in batches[2:])
+    result = {"items": n_rows - 1, "markets": n_markets, "softmax": step.softmax,
+              "negatives": fit_config.negatives if step.softmax == "sampled" else None,
+              "distill": fit_config.distill, "d_model": config.d_model,
+              "batch_size": fit_config.batch_size, "steps": len(batches) - 2,
+              "setup_s": round(setup_s, 2),
+              "step_ms": round(1000 * seconds / (len(batches) - 2), 1),
+              "sequences_per_s": round(sequences / seconds, 1),
+              "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+              "valid_ms_per_user": validation_ms_per_user(model, splits[0])}
+    print(" ".join(f"{k}={v}" for k, v in result.items()), flush=True)
+    return result
+
+
+def validation_ms_per_user(model: Bert4XMR, split_row: tuple[MarketSplit, int],
+                           users: int = 64) -> float:
+    """Milliseconds per user of full-ranking validation (rank_split) over the market's items:
+    the held-out item of `users` users is taken as each one's last training item."""
+    split, market_row = split_row
+    train = split.train[:users]
+    probe = MarketSplit(split.market, "full", 0, [], [seq[:-1] for seq in train],
+                        np.arange(len(train)), np.asarray([seq[-1] for seq in train]),
+                        np.asarray([seq[-1] for seq in train]), split.market_items)
+    started = time.perf_counter()
+    rank_split(probe, model_scorer(model, market_row), "valid")
+    return round(1000 * (time.perf_counter() - started) / len(train), 2)
 
 
 def write_artifacts(rows: MarketRows, n_items: int, out: Path, seed: int = 0) -> Path:
@@ -306,8 +404,9 @@ def main() -> None:
                         help="Artifacts of `xmr train` (repeatable): their largest market is "
                              "measured beside the proxies, with popularity-drawn sessions.")
     parser.add_argument("--workdir", type=Path, default=ROOT / "out" / "bench-scale")
-    parser.add_argument("--steps", default="generation,indexes,workers,market-sets",
-                        help="Steps to run, of generation, indexes, workers, market-sets.")
+    parser.add_argument("--steps", default="training,generation,indexes,workers,market-sets",
+                        help="Steps to run, of training, generation, indexes, workers, "
+                             "market-sets.")
     parser.add_argument("--layouts", default=",".join(LAYOUTS),
                         help=f"Market-set layouts, of {', '.join(LAYOUTS)}.")
     parser.add_argument("--before-src", type=Path,
@@ -315,8 +414,17 @@ def main() -> None:
                              "the `full` layout's indexes are built and served by it.")
     parser.add_argument("--set-recall-queries", type=int, default=200,
                         help="Market sets: recall queries per market index.")
+    parser.add_argument("--train-softmax", default="full,sampled",
+                        help="Softmaxes whose training throughput is measured ('' to skip).")
+    parser.add_argument("--train-full-up-to", type=int, default=100_000,
+                        help="Largest catalogue trained with the full softmax.")
+    parser.add_argument("--train-steps", type=int, default=20, help="Timed steps per row.")
+    parser.add_argument("--train-distill", default="0,1",
+                        help="Distillation weights whose training throughput is measured.")
+    parser.add_argument("--only-training", action="store_true",
+                        help="Measure training throughput only (--steps training).")
     args = parser.parse_args()
-    steps = set(args.steps.split(","))
+    steps = {"training"} if args.only_training else set(args.steps.split(","))
     sizes = [int(s) for s in args.sizes.split(",")]
     torch.set_num_threads(1)
     set_search_threads(1)
@@ -325,6 +433,16 @@ def main() -> None:
                               "load_average_before": os.getloadavg(),
                               "artifacts": ARTIFACTS_NOTE, "threads": 1}
     counts = [int(m) for m in args.markets.split(",")]
+    if "training" in steps and args.train_softmax:
+        report["training"] = training_throughput(
+            sizes, args.train_softmax.split(","), [float(d) for d in args.train_distill.split(",")],
+            args.train_full_up_to, args.train_steps)
+    if steps == {"training"}:
+        report["load_average_after"] = os.getloadavg()
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        print(f"wrote {args.out}")
+        return
     if "generation" in steps:
         report["generation"] = generation(sizes, counts, args.workdir)
     report["indexes"] = []

@@ -3,7 +3,8 @@
     python benchmarks/train_time.py --data DIR [--split full] [--config FILE] [--out FILE.json]
 
 Runs the real CLI in a child process and reports its wall time, its peak resident memory
-(getrusage of the child) and the per-stage times it logged. Target: <= 180 s on this machine.
+(getrusage of the child) and the per-stage times it logged. Target: <= 600 s on this machine
+(issue 10 allows the wider, distilled default up to 10 min; the d=64 default took 76 s).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-TARGET_SECONDS = 180.0
+TARGET_SECONDS = 600.0
 STAGE = re.compile(r"^(\w[\w-]*): valid_ndcg@10=([\d.]+|n/a) epochs=(\d+) seconds=([\d.]+)$")
 
 

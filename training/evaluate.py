@@ -12,6 +12,8 @@ from training.model import Bert4XMR
 from training.split import MarketSplit
 from training.vocab import pad_rows
 
+# Full-ranking users per batch are capped so that a batch holds at most this many scores.
+SCORES_PER_BATCH = 1 << 23
 # Scores of every item row (B, N) for a batch of sessions (lists of item rows) in one market.
 Scorer = Callable[[list[list[int]]], torch.Tensor]
 
@@ -72,12 +74,17 @@ def rank_split(split: MarketSplit, scorer: Scorer, stage: str, batch_size: int =
     order = np.argsort([len(h) for h in histories], kind="stable")
     ranks = np.zeros(len(histories), dtype=np.int64)
     market_mask: torch.Tensor | None = None
-    for start in range(0, len(order), batch_size):
-        rows = order[start : start + batch_size]
+    # Full ranking scores (B, N): at a million items, 512 users would be 2 GiB of scores.
+    step = max(1, min(batch_size, SCORES_PER_BATCH // (int(split.market_items.max()) + 1)))
+    start = 0
+    while start < len(order):
+        rows = order[start : start + step]
+        start += len(rows)
         sessions = [histories[i] for i in rows]
         target = torch.as_tensor(targets[rows])
         if negatives is None:  # full ranking over the market's items minus the history
             scores = scorer(sessions)  # (B, N)
+            step = max(1, min(batch_size, SCORES_PER_BATCH // scores.shape[1]))
             if market_mask is None:
                 market_mask = torch.zeros(scores.shape[1], dtype=torch.bool)
                 market_mask[torch.as_tensor(split.market_items)] = True

@@ -131,9 +131,17 @@ class Bert4XMR(nn.Module):
     def output_vectors(self, shifted: torch.Tensor) -> torch.Tensor:
         return self.output_proj(shifted) if self.output_proj is not None else shifted
 
-    def forward(self, items: torch.Tensor, market: torch.Tensor) -> torch.Tensor:
-        """Scores of every row for each session: (B, T), (B,) -> (B, N)."""
+    def forward(
+        self, items: torch.Tensor, market: torch.Tensor, rows: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Scores of every row for each session: (B, T), (B,) -> (B, N).
+
+        With `rows` (C,) (one market per batch), the two factors instead: the user vectors
+        (B, D) and the vectors of those rows (C, D), so that a sampled softmax scores its own
+        candidates without a (B, N) matrix (training.sampled_softmax)."""
         user = self.encode(items, market)  # (B, D)
+        if rows is not None:
+            return user, self.output_vectors(self.shifted(rows, market[0], "output"))
         # One market per batch is the common case; otherwise score per market.
         if bool((market == market[0]).all()):
             return user @ self.item_vectors(market[0]).T  # (B, N)

@@ -138,13 +138,13 @@ class BoundRanker:
     ranker: MarketRanker
     items: ItemVectors
     cols: np.ndarray  # (nnz,) int64 positions of the neighbours in `items`
-    stat_of: np.ndarray  # (A,) int64: each aggregate's column in the neighbour values
+    # (A, nnz) float64: each neighbour entry's statistic as each aggregate sums it, its
+    # pop_shift factor (n_j / n_i) ** shift already applied (computed once, at bind); one row
+    # per aggregate, so a request's sums run along contiguous rows.
+    terms: np.ndarray
     weights: np.ndarray  # (max_len, A) float64: decay ** age of each aggregate
-    shifted: np.ndarray  # (A',) int64: the aggregates with a pop_shift
-    shifts: np.ndarray  # (A',) float64: their pop_shift
     log_pop: np.ndarray  # (N,) float64 by position
     log_global_pop: np.ndarray  # (N,) float64 by position
-    log_users: np.ndarray  # (n_rows,) float64: log max(1, users of each row), for pop_shift
 
     @property
     def spec(self) -> RankerSpec:
@@ -157,16 +157,22 @@ def bind(ranker: MarketRanker, items: ItemVectors, max_len: int) -> BoundRanker:
     if len(cols) and cols.min() < 0:
         raise ValueError("the neighbour table names items the market's index does not hold")
     spec = ranker.spec
+    table = ranker.neighbours
     decays = np.asarray([a.decay for a in spec.aggregates], dtype=np.float64)
-    shifts = np.asarray([a.pop_shift for a in spec.aggregates], dtype=np.float64)
+    stat_of = [PAIR_STATS.index(a.stat) for a in spec.aggregates]
+    terms = table.values[:, stat_of].astype(np.float64)  # (nnz, A)
+    shifted = [k for k, a in enumerate(spec.aggregates) if a.pop_shift]
+    if shifted:  # (n_j / n_i) ** shift, as exp(shift * (log n_j - log n_i)), global counts
+        log_users = np.log(np.maximum(ranker.global_pop.astype(np.float64), 1.0))
+        owner = np.repeat(np.arange(len(table.indptr) - 1), np.diff(table.indptr))  # (nnz,)
+        gap = log_users[table.cols] - log_users[owner]
+        shifts = np.asarray([spec.aggregates[k].pop_shift for k in shifted])
+        terms[:, shifted] *= np.exp(gap[:, None] * shifts[None, :])
     return BoundRanker(
-        ranker, items, cols.astype(np.int64),
-        np.asarray([PAIR_STATS.index(a.stat) for a in spec.aggregates], dtype=np.int64),
+        ranker, items, cols.astype(np.int64), np.ascontiguousarray(terms.T),
         decays[None, :] ** np.arange(max_len, dtype=np.float64)[:, None],  # 0 ** 0 = 1
-        np.flatnonzero(shifts), shifts[shifts != 0],
         np.log1p(ranker.pop[items.rows].astype(np.float64)),
         np.log1p(ranker.global_pop[items.rows].astype(np.float64)),
-        np.log(np.maximum(ranker.global_pop.astype(np.float64), 1.0)),
     )
 
 
@@ -193,18 +199,15 @@ def aggregate(bound: BoundRanker, rows: np.ndarray, ages: np.ndarray
     entries = np.arange(int(lengths.sum()), dtype=np.int64) + np.repeat(
         starts - np.cumsum(lengths) + lengths, lengths)  # (E,)
     owner = np.repeat(np.arange(len(rows)), lengths)  # (E,) the session item of each entry
-    contribution = table.values[entries][:, bound.stat_of] * bound.weights[ages[owner]]  # (E, A)
-    if len(bound.shifted):  # (n_j / n_i) ** shift, as exp(shift * (log n_j - log n_i))
-        gap = bound.log_users[table.cols[entries]] - bound.log_users[rows][owner]  # (E,)
-        contribution[:, bound.shifted] *= np.exp(gap[:, None] * bound.shifts[None, :])
     cols = bound.cols[entries]
     order = np.argsort(cols, kind="stable")
-    cols = cols[order]
+    cols, entries, owner = cols[order], entries[order], owner[order]
     first = np.flatnonzero(np.concatenate(([True], cols[1:] != cols[:-1]))) if len(cols) else \
         np.zeros(0, dtype=np.int64)
     if not len(first):
-        return cols, np.zeros((0, len(bound.stat_of)), dtype=np.float64)
-    return cols[first], np.add.reduceat(contribution[order], first, axis=0)
+        return cols, np.zeros((0, len(bound.terms)), dtype=np.float64)
+    contribution = bound.terms[:, entries] * bound.weights[ages[owner]].T  # (A, E), by column
+    return cols[first], np.add.reduceat(contribution, first, axis=1).T
 
 
 def features(bound: BoundRanker, user: np.ndarray, pool: np.ndarray, keys: np.ndarray,

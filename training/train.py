@@ -3,7 +3,8 @@
 
 Objective: for each user, a random part of the training items is hidden, the visible part is
 encoded, and each hidden item is predicted with a full-softmax cross-entropy over the catalogue
-(cheap at ~8K items; it also pushes down items never sold in the market).
+(cheap at ~8K items; it also pushes down items never sold in the market), or above
+`FitConfig.sampled_above` items with a sampled softmax (training.sampled_softmax).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from training.distributed import Distributed
 from training.evaluate import evaluate_split, model_scorer, pad_sessions
 from training.model import Bert4XMR, ModelConfig
 from training.ranker import save_ranker
+from training.sampled_softmax import NegativeSampler, sampled_loss
 from training.served import RankerFitting, ranker_spec
 from training.split import MarketSplit, split_market
 from training.vocab import PAD, Vocab
@@ -168,6 +170,90 @@ def validate(
     return scores
 
 
+class TrainingStep:
+    """One optimisation step on a batch of one market: the loss (full or sampled softmax,
+    FitConfig.softmax), its backward pass and the optimisers. `fit()` runs it over epochs;
+    benchmarks/scale.py times it. With the sampled softmax the item table takes sparse
+    gradients (SparseAdam on the rows a step touched, with AdamW's decoupled weight decay on
+    those rows): a dense AdamW step over a million-row table costs more than the rest of the
+    step (benchmarks/README.md). `close()` gives the model its dense item table back."""
+
+    def __init__(self, model: Bert4XMR, splits: list[tuple[MarketSplit, int]],
+                 config: FitConfig, device: str = "cpu", dist: Distributed | None = None) -> None:
+        self.model, self.config, self.device = model, config, device
+        self.softmax = config.softmax_for(model.config.n_rows - 1)
+        if self.softmax == "sampled" and config.label_smoothing:
+            raise ValueError(f"softmax=auto chose 'sampled' for {model.config.n_rows - 1} items "
+                             "(above sampled_above), which has no label_smoothing: set "
+                             "softmax='full' or label_smoothing=0")
+        model.to(device)
+        dist = dist or Distributed.single()
+        # NCCL has no sparse all-reduce: several GPU processes keep the table dense (a GPU
+        # steps a million rows quickly); gloo (CPU) reduces sparse gradients.
+        sparse = (self.softmax == "sampled" and not config.freeze_items
+                  and not (dist.world_size > 1 and str(device).startswith("cuda")))
+        model.item_emb.sparse = sparse
+        self.wrapped = dist.wrap(model)
+        table = model.item_emb.weight
+        dense_table = not (config.freeze_items or sparse)
+        self.optimizers: list[torch.optim.Optimizer] = [torch.optim.AdamW(
+            [p for p in model.parameters() if p.requires_grad and (p is not table or dense_table)],
+            lr=config.lr, weight_decay=config.weight_decay)]
+        if sparse:
+            self.optimizers.append(torch.optim.SparseAdam([model.item_emb.weight], lr=config.lr))
+        self.allowed: dict[int, torch.Tensor] = {}
+        if config.market_softmax:
+            for split, market_row in splits:
+                mask = torch.zeros(model.config.n_rows, dtype=torch.bool)
+                mask[torch.as_tensor(split.catalogue())] = True
+                self.allowed[market_row] = mask.to(device)
+        self.teacher = None
+        if config.distill:
+            self.teacher = build_teacher([seq for split, _ in splits for seq in split.train],
+                                         model.config.n_rows, decay=config.distill_decay,
+                                         temperature=config.distill_temperature).to(device)
+        self.sampler = (NegativeSampler.from_splits(
+            splits, model.config.n_rows, config.negatives, config.negatives_power,
+            config.market_softmax) if self.softmax == "sampled" else None)
+
+    def __call__(self, market_row: int, seqs: list[list[int]], rng: np.random.Generator) -> float:
+        """Train on one batch; returns its loss."""
+        config, device = self.config, self.device
+        inputs, targets, owned = _mask_batch(
+            seqs, self.model.config.max_len, config.mask_prob, rng, config.hide_last,
+            config.next_prob, config.next_span,
+        )
+        inputs, targets, owned = inputs.to(device), targets.to(device), owned.to(device)
+        if self.sampler is not None:
+            loss = sampled_loss(
+                self.wrapped, inputs, targets, market_row,
+                self.sampler.draw(market_row, rng, device), config.exclude_visible,
+                self.allowed.get(market_row), self.teacher, owned, config.distill,
+                config.distill_top,
+            )
+        else:
+            loss = _loss(
+                self.wrapped, inputs, targets, market_row, config.label_smoothing,
+                config.exclude_visible, self.allowed.get(market_row), self.teacher, owned,
+                config.distill,
+            )
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        table = self.model.item_emb.weight
+        touched = (table.grad.coalesce().indices()[0]
+                   if table.grad is not None and table.grad.is_sparse else None)
+        for optimizer in self.optimizers:
+            optimizer.step()
+        if touched is not None and config.weight_decay:
+            with torch.no_grad():  # AdamW's decoupled decay, on the rows this step moved
+                table[touched] *= 1.0 - config.lr * config.weight_decay
+        return float(loss.item())
+
+    def close(self) -> None:
+        self.model.item_emb.sparse = False
+
+
 def fit(
     model: Bert4XMR,
     splits: list[tuple[MarketSplit, int]],
@@ -182,52 +268,24 @@ def fit(
     started = time.perf_counter()
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
-    model.to(device)
-    wrapped = dist.wrap(model)
-    frozen = {id(model.item_emb.weight)} if config.freeze_items else set()
-    optimizer = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad and id(p) not in frozen],
-        lr=config.lr,
-        weight_decay=config.weight_decay,
-    )
-    allowed: dict[int, torch.Tensor] = {}
-    if config.market_softmax:
-        for split, market_row in splits:
-            mask = torch.zeros(model.config.n_rows, dtype=torch.bool)
-            mask[torch.as_tensor(split.catalogue())] = True
-            allowed[market_row] = mask.to(device)
-    teacher = None
-    if config.distill:
-        teacher = build_teacher([seq for split, _ in splits for seq in split.train],
-                                model.config.n_rows, decay=config.distill_decay,
-                                temperature=config.distill_temperature).to(device)
+    train_step = TrainingStep(model, splits, config, device, dist)
+    logger.info("fit=%s softmax=%s items=%d", name, train_step.softmax, model.config.n_rows - 1)
+    try:
+        return _fit(model, splits, config, name, device, dist, train_step, rng, started)
+    finally:
+        train_step.close()
 
+
+def _fit(model: Bert4XMR, splits: list[tuple[MarketSplit, int]], config: FitConfig, name: str,
+         device: str, dist: Distributed, train_step: TrainingStep, rng: np.random.Generator,
+         started: float) -> FitResult:
     def step(epoch: int) -> tuple[float, int]:
         """One epoch of training; returns the summed loss and the number of sequences."""
         model.train()
         batches = dist.shard(_batches(splits, config.batch_size, rng))
         total, n = 0.0, 0
         for market_row, seqs in _progress(batches, f"{name} epoch {epoch}"):
-            inputs, targets, owned = _mask_batch(
-                seqs, model.config.max_len, config.mask_prob, rng, config.hide_last,
-                config.next_prob, config.next_span,
-            )
-            loss = _loss(
-                wrapped,
-                inputs.to(device),
-                targets.to(device),
-                market_row,
-                config.label_smoothing,
-                config.exclude_visible,
-                allowed.get(market_row),
-                teacher,
-                owned.to(device),
-                config.distill,
-            )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += loss.item() * len(seqs)
+            total += train_step(market_row, seqs, rng) * len(seqs)
             n += len(seqs)
         return total, n
 
