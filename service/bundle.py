@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import anyio.to_thread
+import numpy as np
 
 from service.artifacts import resolve_set
 from service.errors import (
@@ -183,6 +184,22 @@ def load_market(artifacts: Path, market: str, search: str, device: str,
                        market_ranker(market_dir, checkpoint, index))
 
 
+# The ranker scores a few hundred candidates per request by their vectors. Computing them from
+# the shared item table on each request (SoldVectors) costs ~3x the rest of the features, so a
+# market whose vectors fit in this many bytes keeps them as one float32 array; larger markets
+# (a million-item catalogue) compute them per request and hold no copy.
+RANKER_DENSE_BYTES = 32 << 20
+
+
+def ranker_vectors(index: MarketIndex) -> Any:
+    """The vectors the ranker reads: the index's own, as one float32 array where they fit in
+    RANKER_DENSE_BYTES, else as the index gives them (computed when indexed)."""
+    n, d = index.vectors.shape
+    if isinstance(index.vectors, np.ndarray) or n * d * 4 > RANKER_DENSE_BYTES:
+        return index.vectors
+    return np.asarray(index.vectors, dtype=np.float32)
+
+
 def market_ranker(market_dir: Path, checkpoint: CheckpointInfo, index: MarketIndex
                   ) -> BoundRanker | None:
     """The market's fitted ranker joined to its index, or None (with a warning) where
@@ -193,7 +210,7 @@ def market_ranker(market_dir: Path, checkpoint: CheckpointInfo, index: MarketInd
             logger.warning("no ranker market=%s path=%s: serving the model's own ranking; "
                            "`xmr train` fits one", checkpoint.market, market_dir)
             return None
-        return bind(ranker, ItemVectors(index.rows, index.vectors, index.position),
+        return bind(ranker, ItemVectors(index.rows, ranker_vectors(index), index.position),
                     checkpoint.max_len)
     except (RankerError, ValueError) as e:
         raise ArtifactsError(f"{market_dir}: {e}") from e

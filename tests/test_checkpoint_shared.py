@@ -168,3 +168,22 @@ def test_tampered_sold_items_are_refused(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match=r"market_items.safetensors: rows must be distinct "
                                               r"items 1\.\.20"):
         read_checkpoint_info(tmp_path / "markets" / "bb")
+
+
+def test_ranker_keeps_small_markets_vectors_dense_and_computes_large_ones(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from types import SimpleNamespace
+
+    from service import bundle
+    from training.item_table import SoldVectors
+
+    _write(tmp_path, change_rows=[5])
+    info = read_checkpoint_info(tmp_path / "markets" / "bb")
+    assert info.items is not None
+    rows = np.array([1, 5, 8, 3])
+    index = SimpleNamespace(vectors=SoldVectors(info.items, rows))
+    dense = bundle.ranker_vectors(index)  # 4 x 16 floats: well under the limit
+    assert isinstance(dense, np.ndarray) and dense.dtype == np.float32
+    np.testing.assert_array_equal(dense, info.items.vectors(rows))
+    monkeypatch.setattr(bundle, "RANKER_DENSE_BYTES", 4 * 16 * 4 - 1)  # one byte short
+    assert bundle.ranker_vectors(index) is index.vectors
