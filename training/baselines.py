@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from training.evaluate import Scorer, evaluate_split
+from training.ranker import count_pairs
 from training.split import MarketSplit
 
 
@@ -42,21 +43,10 @@ def cooccurrence_similarity(sequences: Sequence[Sequence[int]], n_rows: int) -> 
 
     sim(i, j) = |users with i and j| / sqrt(|users with i| * |users with j|), diagonal zero.
     """
-    pairs: list[np.ndarray] = []
-    per_item = np.zeros(n_rows, dtype=np.float64)
-    for seq in sequences:
-        distinct = np.unique(np.asarray(seq, dtype=np.int64))
-        per_item[distinct] += 1.0
-        if len(distinct) > 1:
-            i, j = np.meshgrid(distinct, distinct, indexing="ij")
-            off = i != j
-            pairs.append(i[off] * n_rows + j[off])
-    keys, counts = np.unique(np.concatenate(pairs) if pairs else np.zeros(0, np.int64),
-                             return_counts=True)
-    i, j = keys // n_rows, keys % n_rows
-    values = counts / np.sqrt(per_item[i] * per_item[j])
+    pairs = count_pairs(sequences, n_rows, ordered=False)
+    i, j = pairs.keys // n_rows, pairs.keys % n_rows
     return torch.sparse_coo_tensor(
-        torch.as_tensor(np.stack([i, j])), torch.as_tensor(values, dtype=torch.float32),
+        torch.as_tensor(np.stack([i, j])), torch.as_tensor(pairs.cosine(), dtype=torch.float32),
         (n_rows, n_rows), is_coalesced=True, check_invariants=True,
     )
 

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from training.ranker import count_pairs
+from training.ranker import count_pairs, strongest_per_row
 from training.vocab import PAD
 
 
@@ -32,14 +32,18 @@ class Teacher:
         return Teacher(self.neighbours.to(device), self.similarity.to(device),
                        self.inverse_root_users.to(device), self.decay, self.temperature)
 
+    def _weights(self, visible: torch.Tensor) -> torch.Tensor:
+        """(B, T) decay ** age of each visible row (right-padded, newest last), 0 at PAD."""
+        real = visible != PAD
+        lengths = real.sum(1, keepdim=True)  # (B, 1)
+        ages = (lengths - 1 - torch.arange(visible.shape[1], device=visible.device)).clamp(min=0)
+        return (self.decay ** ages.float()) * real
+
     def scores(self, visible: torch.Tensor, owned: torch.Tensor) -> torch.Tensor:
         """(B, N) teacher scores for visible rows (B, T) (right-padded, newest last), with
         the user's own pairs (its items `owned`, (B, L)) taken out."""
-        b, t = visible.shape
-        real = visible != PAD
-        lengths = real.sum(1, keepdim=True)  # (B, 1)
-        ages = (lengths - 1 - torch.arange(t, device=visible.device)).clamp(min=0)
-        weights = (self.decay ** ages.float()) * real  # (B, T)
+        b = visible.shape[0]
+        weights = self._weights(visible)  # (B, T)
         contribution = self.similarity[visible] * weights[..., None]  # (B, T, K)
         scores = torch.zeros(b, self.inverse_root_users.shape[0], device=visible.device)
         scores.scatter_add_(1, self.neighbours[visible].reshape(b, -1),
@@ -57,12 +61,9 @@ class Teacher:
         session's own when `exclude_visible`), in sparse form (`TeacherTop`: its `k` best items
         per example and every item it knows), without a (B, N) matrix: the sampled softmax's
         distillation target (see `sampled_distillation_loss`)."""
-        b, t = visible.shape
+        b = visible.shape[0]
         n_rows = self.inverse_root_users.shape[0]
-        real = visible != PAD
-        lengths = real.sum(1, keepdim=True)  # (B, 1)
-        ages = (lengths - 1 - torch.arange(t, device=visible.device)).clamp(min=0)
-        weights = (self.decay ** ages.float()) * real  # (B, T)
+        weights = self._weights(visible)  # (B, T)
         own = (weights * self.inverse_root_users[visible]).sum(1, keepdim=True)  # (B, 1)
         cols = torch.cat([self.neighbours[visible].reshape(b, -1), owned], 1)  # (B, T*K + L)
         values = torch.cat([(self.similarity[visible] * weights[..., None]).reshape(b, -1),
@@ -154,16 +155,13 @@ def build_teacher(sequences: Sequence[Sequence[int]], n_rows: int, k: int = 100,
     """The teacher of the training `sequences`: each item's `k` strongest co-occurrences."""
     pairs = count_pairs(sequences, n_rows, ordered=False)
     i, j = pairs.keys // n_rows, pairs.keys % n_rows
-    users = np.maximum(pairs.item_users, 1).astype(np.float64)
-    cosine = pairs.users / np.sqrt(users[i] * users[j])
-    order = np.lexsort((j, -cosine, i))
-    i, j, cosine = i[order], j[order], cosine[order]
-    rank = np.arange(len(i)) - np.searchsorted(i, i, side="left")
-    kept = rank < k
+    cosine = pairs.cosine()
+    kept, rank = strongest_per_row(i, j, cosine, k)
     neighbours = np.zeros((n_rows, k), dtype=np.int64)
     similarity = np.zeros((n_rows, k), dtype=np.float32)
-    neighbours[i[kept], rank[kept]] = j[kept]
-    similarity[i[kept], rank[kept]] = cosine[kept]
+    neighbours[i[kept], rank] = j[kept]
+    similarity[i[kept], rank] = cosine[kept]
+    users = np.maximum(pairs.item_users, 1).astype(np.float64)
     return Teacher(torch.from_numpy(neighbours), torch.from_numpy(similarity),
                    torch.from_numpy((1.0 / np.sqrt(users)).astype(np.float32)), decay,
                    temperature)

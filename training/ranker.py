@@ -132,8 +132,8 @@ class ItemVectors:
 
 @dataclass(frozen=True)
 class BoundRanker:
-    """A MarketRanker joined to a market's ItemVectors: candidates are index positions (0..N),
-    so every per-request sum is a dense array over the market's items."""
+    """A MarketRanker joined to a market's ItemVectors: candidates are index positions
+    (0..N), and the neighbour table names its items by those positions."""
 
     ranker: MarketRanker
     items: ItemVectors
@@ -246,14 +246,12 @@ def candidate_pool(bound: BoundRanker, hits: np.ndarray, keys: np.ndarray, sums:
     return np.flatnonzero(taken[:n])
 
 
-def rank_session(bound: BoundRanker, session: Sequence[int], user: np.ndarray,
-                 hits: np.ndarray | None, candidates: Sequence[int] | None,
-                 excluded: Iterable[int], k: int) -> list[tuple[int, float]]:
-    """The served top-k (item row, score) of one session, best first.
-
-    `hits` are the model's retrieved rows (the index's top `spec.retrieve`, -1 for misses);
-    with explicit `candidates` (rows sold in the market) only those are ranked and `hits` is
-    not used. `excluded` rows are never returned. Equal scores are ordered by row."""
+def session_candidates(bound: BoundRanker, session: Sequence[int], hits: np.ndarray | None,
+                       candidates: Sequence[int] | None, excluded: Iterable[int]
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One session's candidate positions (sorted) with its co-occurrence sums (the `aggregate`
+    keys and sums that `features` reads): the pool `rank_session` scores, and the one the
+    ranker is fitted on. `hits`, `candidates` and `excluded` as in `rank_session`."""
     rows, ages = session_arrays(session, len(bound.weights))
     keys, sums = aggregate(bound, rows, ages)
     excluded_rows = np.fromiter(excluded, dtype=np.int64)
@@ -262,11 +260,21 @@ def rank_session(bound: BoundRanker, session: Sequence[int], user: np.ndarray,
         taken = np.zeros(n + 1, dtype=bool)  # the last slot takes the -1 of unsold rows
         taken[bound.items.position[np.fromiter(candidates, dtype=np.int64)]] = True
         taken[bound.items.position[excluded_rows]] = False
-        pool = np.flatnonzero(taken[:n])
-    else:
-        assert hits is not None
-        pool = candidate_pool(bound, np.asarray(hits, dtype=np.int64), keys, sums,
-                              excluded_rows)
+        return np.flatnonzero(taken[:n]), keys, sums
+    assert hits is not None
+    pool = candidate_pool(bound, np.asarray(hits, dtype=np.int64), keys, sums, excluded_rows)
+    return pool, keys, sums
+
+
+def rank_session(bound: BoundRanker, session: Sequence[int], user: np.ndarray,
+                 hits: np.ndarray | None, candidates: Sequence[int] | None,
+                 excluded: Iterable[int], k: int) -> list[tuple[int, float]]:
+    """The served top-k (item row, score) of one session, best first.
+
+    `hits` are the model's retrieved rows (the index's top `spec.retrieve`, -1 for misses);
+    with explicit `candidates` (rows sold in the market) only those are ranked and `hits` is
+    not used. `excluded` rows are never returned. Equal scores are ordered by row."""
+    pool, keys, sums = session_candidates(bound, session, hits, candidates, excluded)
     if not len(pool):
         return []
     scores = bound.ranker.scorer.score(features(bound, user, pool, keys, sums))  # (C,)
@@ -290,6 +298,18 @@ class PairCounts:
         at = np.minimum(np.searchsorted(self.keys, keys), len(self.keys) - 1)
         return np.where(self.keys[at] == keys, self.users[at], 0.0)
 
+    def cosine(self, keys: np.ndarray | None = None) -> np.ndarray:
+        """Cosine co-occurrence of each pair key (by default every counted pair):
+        |users with i and j| / sqrt(|users with i| |users with j|), 0 where never together."""
+        n_rows = len(self.item_users)
+        if keys is None:
+            keys, together = self.keys, self.users
+        else:
+            together = self.lookup(keys)
+        i, j = keys // n_rows, keys % n_rows
+        return together / np.sqrt(np.maximum(self.item_users[i], 1)
+                                  * np.maximum(self.item_users[j], 1))
+
 
 def count_pairs(sequences: Sequence[Sequence[int]], n_rows: int, ordered: bool) -> PairCounts:
     """Users per item pair: any two items of a session, or with `ordered` j within
@@ -311,10 +331,15 @@ def count_pairs(sequences: Sequence[Sequence[int]], n_rows: int, ordered: bool) 
     return PairCounts(keys, users.astype(np.float64), item_users)
 
 
-def _cosine(pairs: PairCounts, keys: np.ndarray, n_rows: int) -> np.ndarray:
-    i, j = keys // n_rows, keys % n_rows
-    norm = np.sqrt(np.maximum(pairs.item_users[i], 1) * np.maximum(pairs.item_users[j], 1))
-    return pairs.lookup(keys) / norm
+def strongest_per_row(i: np.ndarray, j: np.ndarray, strength: np.ndarray, keep: int
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """Each row i's `keep` strongest pairs (ties: lower j first): the positions of the kept
+    pairs, ordered by row then strength, and each one's rank within its row."""
+    order = np.lexsort((j, -strength, i))
+    row = i[order]
+    rank = np.arange(len(row)) - np.searchsorted(row, row, side="left")
+    kept = rank < keep
+    return order[kept], rank[kept]
 
 
 def build_neighbours(cooc: PairCounts, ordered: PairCounts, local: PairCounts,
@@ -325,14 +350,10 @@ def build_neighbours(cooc: PairCounts, ordered: PairCounts, local: PairCounts,
     sold = np.zeros(n_rows, dtype=bool)
     sold[market_items] = True
     keys = cooc.keys[sold[cooc.keys % n_rows]]  # sorted: by i, then j
-    values = np.stack([_cosine(cooc, keys, n_rows), _cosine(ordered, keys, n_rows),
-                       _cosine(local, keys, n_rows)], axis=1).astype(np.float32)  # (P, S)
+    values = np.stack([cooc.cosine(keys), ordered.cosine(keys), local.cosine(keys)],
+                      axis=1).astype(np.float32)  # (P, S)
     i, j = keys // n_rows, keys % n_rows
-    # Keep each row's `keep` best by cooc (ties: lower row first).
-    order = np.lexsort((j, -values[:, 0], i))
-    i, j, values = i[order], j[order], values[order]
-    rank_in_row = np.arange(len(i)) - np.searchsorted(i, i, side="left")
-    kept = rank_in_row < keep
+    kept, _ = strongest_per_row(i, j, values[:, 0], keep)  # each row's best by cooc
     i, j, values = i[kept], j[kept], values[kept]
     indptr = np.zeros(n_rows + 1, dtype=np.int64)
     np.add.at(indptr, i + 1, 1)

@@ -1,5 +1,5 @@
 """The served ranking on the training side: each market's ranker built from the training
-sessions and fitted on validation items only (`fit_rankers`, run by `xmr train` and by the
+sessions and fitted on validation items only (`RankerFitting`, run by `xmr train` and by the
 harness), and `ServedScorer`, the harness's view of what `POST /markets/{m}/recommend`
 returns. Both rank through `training.ranker.rank_session`, the function the service calls.
 """
@@ -25,15 +25,13 @@ from training.ranker import (
     PairCounts,
     RankerSpec,
     Scorer,
-    aggregate,
     bind,
     build_neighbours,
-    candidate_pool,
     count_pairs,
     features,
     fit_scorer,
     rank_session,
-    session_arrays,
+    session_candidates,
 )
 from training.split import MarketSplit
 
@@ -118,16 +116,13 @@ def validation_examples(bound: BoundRanker, model: Bert4XMR, split: MarketSplit,
         rng = np.random.default_rng([seed, len(sessions)])
         chosen = np.sort(rng.choice(len(sessions), size=max_users, replace=False))
     out: list[tuple[np.ndarray, int]] = []
-    max_len = model.config.max_len
     for start in range(0, len(chosen), 512):
         picked = chosen[start : start + 512]
         batch = [sessions[i] for i in picked]
         users = encode_sessions(model, batch, market_row, device).float().cpu().numpy()
         hits = retrieve(bound.items, users, bound.spec.retrieve)
         for b, session in enumerate(batch):
-            rows, ages = session_arrays(session, max_len)
-            keys, sums = aggregate(bound, rows, ages)
-            pool = candidate_pool(bound, hits[b], keys, sums, np.asarray(session, dtype=np.int64))
+            pool, keys, sums = session_candidates(bound, session, hits[b], None, session)
             target = int(targets[picked[b]])
             at = int(np.searchsorted(pool, bound.items.position[target]))
             if at < len(pool) and bound.items.rows[pool[at]] == target:
