@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from training.evaluate import pad_sessions
-from training.model import Bert4XMR, pool
+from training.model import Bert4XMR, ages_of, pool
 from training.vocab import PAD
 
 LENGTH_STEP = 8  # CUDA graph shapes: session lengths padded to a multiple of this
@@ -110,8 +110,7 @@ class SessionEncoder:
         d, heads = self.d, self.heads
         real = items != PAD  # (B, T)
         x = F.layer_norm(F.embedding(items, self.items) + self.market, (d,), *self.input_norm)
-        lengths = real.sum(1, keepdim=True)  # (B, 1)
-        ages = (lengths - 1 - torch.arange(t, device=items.device)).clamp(min=0)  # (B, T)
+        ages = ages_of(real)  # (B, T)
         if self.positions is not None:  # newest item at position 0, as in training
             x = x + self.positions[ages]
         mask = real[:, None, None, :]  # (B, 1, 1, T): attend to real items only

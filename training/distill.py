@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from training.model import ages_of
 from training.ranker import count_pairs, strongest_per_row
 from training.vocab import PAD
 
@@ -35,9 +36,7 @@ class Teacher:
     def _weights(self, visible: torch.Tensor) -> torch.Tensor:
         """(B, T) decay ** age of each visible row (right-padded, newest last), 0 at PAD."""
         real = visible != PAD
-        lengths = real.sum(1, keepdim=True)  # (B, 1)
-        ages = (lengths - 1 - torch.arange(visible.shape[1], device=visible.device)).clamp(min=0)
-        return (self.decay ** ages.float()) * real
+        return (self.decay ** ages_of(real).float()) * real
 
     def scores(self, visible: torch.Tensor, owned: torch.Tensor) -> torch.Tensor:
         """(B, N) teacher scores for visible rows (B, T) (right-padded, newest last), with

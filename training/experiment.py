@@ -215,13 +215,12 @@ def run_seed(
     # every candidate from the market already, and are scored as their protocols define.
     catalogues = {m: prepared.splits[m].catalogue() for m in markets}
     sold = catalogues if split_name == "acmr" else None
-    knn: dict[str, Scorer] = {}
+    knn: Scorer | None = None  # one ItemKNN over all markets' training sessions
     if "itemknn" in models or "itemknn_recency" in models:
         with watch.time("itemknn"):
             train_seqs = [seq for m in markets for seq in prepared.splits[m].train]
             similarity = cooccurrence_similarity(train_seqs, n_rows)
-            for market in markets:
-                knn[market] = itemknn_scorer(similarity)
+            knn = itemknn_scorer(similarity)
     decays: dict[str, float] = {}
     if "itemknn_recency" in models:
         with watch.time("itemknn_recency"):
@@ -255,8 +254,8 @@ def run_seed(
                 target = new_model(prepared, config)
                 fit(target, [(split, row)], config.pretrain, seed, f"target-{market}", device)
             unrestricted["target_only"] = model_scorer(target, row, device)
-        if knn:
-            unrestricted["itemknn"] = knn[market]
+        if knn is not None:
+            unrestricted["itemknn"] = knn
         if decays:
             unrestricted["itemknn_recency"] = itemknn_scorer(similarity, decays[market])
         restricted = {name: restrict(scorer, catalogues[market])

@@ -111,10 +111,7 @@ class Bert4XMR(nn.Module):
         """User vectors: items (B, T) rows with PAD=0 padding, market (B,) -> (B, D)."""
         items = items[:, -self.config.max_len :]
         real = items != PAD  # (B, T)
-        # Age of each position counted back from the newest item, so recency means the same at
-        # any length (right padding: the newest real item is at lengths - 1).
-        lengths = real.sum(1, keepdim=True)  # (B, 1)
-        ages = (lengths - 1 - torch.arange(items.shape[1], device=items.device)).clamp(min=0)
+        ages = ages_of(real)  # (B, T)
         x = self.shifted(items, market[:, None], "input")  # (B, T, D)
         if self.position_emb is not None:
             x = x + self.position_emb(ages)  # (B, T, D)
@@ -152,6 +149,14 @@ class Bert4XMR(nn.Module):
             )
         )  # (B, N, D)
         return torch.einsum("bd,bnd->bn", user, vectors)
+
+
+def ages_of(real: torch.Tensor) -> torch.Tensor:
+    """(B, T) age of each position of right-padded sessions (`real` (B, T): not padding),
+    counted back from the newest item (0) so that recency means the same at any length;
+    padding positions get 0 and must be masked by the caller."""
+    lengths = real.sum(1, keepdim=True)  # (B, 1): the newest real item is at lengths - 1
+    return (lengths - 1 - torch.arange(real.shape[1], device=real.device)).clamp(min=0)
 
 
 def pool(x: torch.Tensor, real: torch.Tensor, ages: torch.Tensor,
