@@ -242,3 +242,44 @@ def test_outputs_without_matplotlib_keep_the_numbers_and_skip_the_figures(
     assert sorted(p.name for p in paths) == ["report.md", "results.json"]
     assert not list(tmp_path.glob("*.png"))
     assert "xmr[report]" in caplog.text
+
+
+def test_a_cached_run_rescores_the_same_models_without_training_them(
+    dataset: Dataset, experiment: tuple[dict[str, ProtocolResult], Path, TrainConfig],
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    results, _, config = experiment
+    cache = tmp_path / "cache"
+    dirs = output_dirs(tmp_path, ["full", "forec"])
+    negatives = {p: d / "negatives" for p, d in dirs.items()}
+    first = run_experiment(dataset, ["full", "forec"], [0], config, negatives, cache_dir=cache)
+    entries = [p for p in cache.iterdir() if not p.name.startswith(".")]
+    assert len(entries) == 3  # bert4xmr, bert4xmr_paper, no_market_emb: one entry each
+    for protocol in results:
+        assert first[protocol].runs == results[protocol].runs
+
+    import training.experiment as harness
+
+    def no_training(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a cached model was trained again")
+
+    monkeypatch.setattr(harness, "pretrain", no_training)
+    monkeypatch.setattr(harness, "finetune", no_training)
+    again = run_experiment(dataset, ["full", "forec"], [0], config, negatives, cache_dir=cache)
+    for protocol in results:
+        assert again[protocol].runs == results[protocol].runs
+        # the training time reported is the one measured when the models were trained
+        assert again[protocol].train_seconds_by_model["bert4xmr"] == pytest.approx(
+            first[protocol].train_seconds_by_model["bert4xmr"])
+
+    # a different training config misses the cache; a corrupt entry is retrained, not used
+    other = config.with_overrides(dropout=config.dropout + 0.05)
+    with pytest.raises(AssertionError, match="trained again"):
+        run_experiment(dataset, ["full"], [0], other, negatives, cache_dir=cache)
+    monkeypatch.undo()
+    for entry in entries:
+        (entry / "global.pt").write_bytes(b"not a checkpoint")
+    repaired = run_experiment(dataset, ["full", "forec"], [0], config, negatives,
+                              cache_dir=cache)
+    for protocol in results:
+        assert repaired[protocol].runs == results[protocol].runs

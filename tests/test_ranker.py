@@ -139,6 +139,23 @@ def test_rank_session_breaks_equal_scores_by_row() -> None:
     assert [row for row, _ in ranked] == [3, 5, 6]
 
 
+def test_explicit_candidates_are_ordered_by_the_slate_scorer_where_there_is_one() -> None:
+    ranker, items = small_ranker()
+    n_features = len(ranker.spec.feature_names)
+    # the slate scorer orders by the market's popularity alone (pop = row number here)
+    by_pop = np.zeros(n_features)
+    by_pop[ranker.spec.feature_names.index("log_pop")] = 1.0
+    slate = MarketRanker(ranker.spec, ranker.neighbours, ranker.pop, ranker.global_pop,
+                         ranker.scorer, Scorer(np.zeros(n_features), np.ones(n_features), by_pop))
+    user = np.ones(4, dtype=np.float32)
+    explicit = rank_session(bind(slate, items, 10), [1, 2], user, None, [3, 7, 5, 6], [1, 2], 10)
+    assert [row for row, _ in explicit] == [7, 6, 5, 3]
+    # the retrieved pool keeps the pool's scorer: the same as without a slate scorer
+    hits = np.asarray([6, 7, -1])
+    assert rank_session(bind(slate, items, 10), [1, 2], user, hits, None, [1, 2], 10) == \
+        rank_session(bind(ranker, items, 10), [1, 2], user, hits, None, [1, 2], 10)
+
+
 def test_fit_scorer_learns_which_feature_points_at_the_target() -> None:
     rng = np.random.default_rng(1)
     examples = []
@@ -164,6 +181,16 @@ def test_ranker_files_round_trip_and_refuse_what_does_not_fit(tmp_path: Path) ->
     before = rank_session(bind(ranker, items, 10), [1, 2], user, np.asarray([6]), None, [], 5)
     after = rank_session(bind(loaded, items, 10), [1, 2], user, np.asarray([6]), None, [], 5)
     assert before == after
+    assert loaded.slate_scorer is None  # none saved: slates fall back to the pool's scorer
+    n_features = len(ranker.spec.feature_names)
+    slate = Scorer(np.ones(n_features), np.full(n_features, 2.0), np.arange(n_features) - 3.0)
+    save_ranker(tmp_path, MarketRanker(ranker.spec, ranker.neighbours, ranker.pop,
+                                       ranker.global_pop, ranker.scorer, slate),
+                "a" * 64, {"valid_users": 3})
+    loaded = load_ranker(tmp_path, "a" * 64, N_ROWS)
+    assert loaded is not None and loaded.slate_scorer is not None
+    assert np.array_equal(loaded.slate_scorer.weights, slate.weights)
+    assert np.array_equal(loaded.slate_scorer.scale, slate.scale)
     assert load_ranker(tmp_path / "nothing", "a" * 64, N_ROWS) is None
     with pytest.raises(RankerError, match="fitted for weights aaaaaaaaaaaa"):
         load_ranker(tmp_path, "b" * 64, N_ROWS)

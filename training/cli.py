@@ -173,6 +173,11 @@ def experiment_command(
         list[str] | None,
         typer.Option("--models", help="Models to run (comma list; default all)."),
     ] = None,
+    cache: Annotated[
+        Path | None,
+        typer.Option("--cache", help="Keep trained models here and reuse them when the data, "
+                     "split, seed and training config match (rescoring without retraining)."),
+    ] = None,
     pattern: PatternOpt = "*_5core.txt",
     sep: SepOpt = None,
     columns: ColumnsOpt = None,
@@ -200,7 +205,7 @@ def experiment_command(
         results = run_experiment(
             dataset, protocols, list(range(seeds)), train_config,
             {p: d / "negatives" for p, d in dirs.items()}, device_for(device), jobs,
-            models,
+            models, cache,
         )
         for name, result in results.items():
             for path in write_outputs(result, dirs[name]):

@@ -97,7 +97,9 @@ class RankerConfig:
     """The served ranking's second stage (`training.ranker`), fitted by `xmr train` on
     validation items: how many candidates the model and co-occurrence each bring, how many
     neighbours each item keeps, the scorer's form (0 hidden units: linear) and its L2 weight,
-    and how many validation users per market it is fitted on at most."""
+    how many validation users per market it is fitted on at most, and how many random market
+    items stand beside each validation target when the scorer of explicit candidate lists
+    (`MarketRanker.slate_scorer`) is fitted (0: lists are ordered by the pool's scorer)."""
 
     enabled: bool = True
     retrieve: int = 200
@@ -106,6 +108,7 @@ class RankerConfig:
     hidden: int = 0
     l2: float = 1e-3
     max_users: int = 2000
+    slate_negatives: int = 99
 
 
 @dataclass(frozen=True)

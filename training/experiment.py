@@ -25,6 +25,7 @@ from training.data import Dataset
 from training.evaluate import Scorer, model_scorer, rank_split, restrict
 from training.metrics import METRIC_NAMES, summarize
 from training.model import Bert4XMR
+from training.model_cache import CachedModels, ModelCache, cache_key
 from training.negatives import NegativeStore
 from training.served import RankerFitting, ServedScorer, item_vectors, ranker_spec
 from training.split import PROTOCOLS, MarketSplit, split_market
@@ -182,8 +183,11 @@ def run_seed(
     stores: dict[str, NegativeStore],
     device: str = "cpu",
     models: tuple[str, ...] = MODELS,
+    cache: ModelCache | None = None,
 ) -> tuple[dict[str, dict[str, dict[str, Metrics]]], dict[str, float], np.ndarray, dict[str, int]]:
     """Train every model on one split and seed; score each on the test items of `protocols`.
+    With a `cache`, the Bert4XMR variants' trained models are taken from it where present and
+    stored in it where trained.
 
     Returns protocol -> market -> model -> metrics, training seconds per model, the global
     model's market cosine similarity, and the number of test users per market.
@@ -206,7 +210,18 @@ def run_seed(
     if "no_market_emb" in models:
         variants["no_market_emb"] = config.with_overrides(market_embedding=False)
     globals_: dict[str, Bert4XMR] = {}
+    tuned: dict[str, dict[str, Bert4XMR]] = {name: {} for name in variants}
+    keys = {name: cache_key(dataset.fingerprint, split_name, seed, variant, markets)
+            for name, variant in variants.items()}
+    cached: set[str] = set()  # variants whose models came from the cache
     for name, variant in variants.items():
+        hit = cache.load(keys[name], new_model(prepared, variant), markets) if cache else None
+        if hit is not None:
+            globals_[name] = hit.global_model.to(device)
+            tuned[name] = {m: model.to(device) for m, model in hit.tuned.items()}
+            watch.seconds[name] = hit.seconds  # as measured when they were trained
+            cached.add(name)
+            continue
         with watch.time(name):
             globals_[name], _ = pretrain(prepared, variant, device)
     # Under `acmr` (negatives from all markets) every model ranks only the items the market
@@ -226,18 +241,25 @@ def run_seed(
         with watch.time("itemknn_recency"):
             decays = {m: choose_decay(prepared.splits[m], similarity) for m in markets}
             logger.info("itemknn_recency seed=%d decays %s", seed, decays)
-    tuned: dict[str, dict[str, Bert4XMR]] = {name: {} for name in variants}
     fitting = (RankerFitting(prepared.splits, markets, n_rows, ranker_spec(config.ranker),
-                             config.ranker.max_users, seed, sold)
+                             config.ranker.max_users, seed, sold,
+                             config.ranker.slate_negatives)
                if "served" in models else None)
     for market in markets:
         for name, variant in variants.items():
+            if name in cached:
+                continue
             with watch.time(name):
                 tuned[name][market], _ = finetune(globals_[name], prepared, market, variant,
                                                   device)
         if fitting is not None:
             with watch.time("served"):
                 fitting.add(market, tuned["bert4xmr"][market], device)
+    if cache is not None:
+        for name in set(variants) - cached:
+            cache.store(keys[name], CachedModels(globals_[name], tuned[name],
+                                                 watch.seconds.get(name, 0.0)),
+                        {"variant": name, "split": split_name, "seed": seed})
     fitted = fitting.fit(config.ranker.hidden, config.ranker.l2) if fitting is not None else None
 
     out: dict[str, dict[str, dict[str, Metrics]]] = {p: {} for p in protocols}
@@ -292,11 +314,12 @@ SeedResult = tuple[dict[str, dict[str, dict[str, Metrics]]], dict[str, float], n
 def _run_task(
     dataset: Dataset, group: list[str], seed: int, config: TrainConfig,
     stores: dict[str, NegativeStore], device: str, models: tuple[str, ...],
+    cache: ModelCache | None,
 ) -> SeedResult:
     torch.set_num_threads(max(1, config.threads))
     logger.info("experiment split=%s protocols=%s seed=%d", TRAIN_SPLIT[group[0]],
                 ",".join(group), seed)
-    return run_seed(dataset, group, seed, config, stores, device, models)
+    return run_seed(dataset, group, seed, config, stores, device, models, cache)
 
 
 def _init_worker(level: int) -> None:
@@ -307,18 +330,20 @@ def _init_worker(level: int) -> None:
 def _run_tasks(
     dataset: Dataset, tasks: list[tuple[list[str], int]], config: TrainConfig,
     stores: dict[str, NegativeStore], device: str, jobs: int, models: tuple[str, ...],
+    cache: ModelCache | None,
 ) -> Iterator[tuple[list[str], int, SeedResult]]:
     """Each (protocol group, seed) in turn, or in `jobs` worker processes (results in order)."""
     if jobs <= 1:
         for group, seed in tasks:
-            yield group, seed, _run_task(dataset, group, seed, config, stores, device, models)
+            yield group, seed, _run_task(dataset, group, seed, config, stores, device, models,
+                                            cache)
         return
     context = multiprocessing.get_context("spawn")  # no forked torch or CUDA state
     level = logging.getLogger().getEffectiveLevel()
     with ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_init_worker,
                              initargs=(level,)) as pool:
         futures = [
-            pool.submit(_run_task, dataset, group, seed, config, stores, device, models)
+            pool.submit(_run_task, dataset, group, seed, config, stores, device, models, cache)
             for group, seed in tasks
         ]
         for (group, seed), future in zip(tasks, futures, strict=True):
@@ -334,11 +359,13 @@ def run_experiment(
     device: str = "cpu",
     jobs: int = 1,
     models: list[str] | None = None,
+    cache_dir: Path | None = None,
 ) -> dict[str, ProtocolResult]:
     """Run every protocol over `seeds`; models are trained once per seed and split.
 
     With `jobs` > 1 the (split, seed) runs go to that many worker processes: worth it on a
-    GPU machine or many cores, each worker using `config.threads` threads.
+    GPU machine or many cores, each worker using `config.threads` threads. With `cache_dir`
+    the trained Bert4XMR models are kept there and reused by later runs (training.model_cache).
     """
     if not seeds:
         raise ExperimentError("need at least one seed")
@@ -358,7 +385,8 @@ def run_experiment(
         for protocol in group:
             results[protocol].shared_with = [p for p in group if p != protocol]
     for group, seed, (metrics, seconds, similarity, n_users) in _run_tasks(
-        dataset, tasks, config, stores, device, jobs, chosen
+        dataset, tasks, config, stores, device, jobs, chosen,
+        ModelCache(cache_dir) if cache_dir is not None else None,
     ):
         for protocol in group:
             result = results[protocol]

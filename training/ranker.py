@@ -111,13 +111,23 @@ class Scorer:
 @dataclass(frozen=True)
 class MarketRanker:
     """What one market's second stage needs besides the model's vectors, as stored: the
-    neighbour table and popularity by item row, the spec and the fitted scorer."""
+    neighbour table and popularity by item row, the spec and the fitted scorers.
+
+    `scorer` orders the retrieved pool (the model's hits and co-occurring items: the hardest
+    competitors); `slate_scorer` orders an explicit candidate list, whose items are mostly
+    not the session's neighbours, so popularity and the model's score weigh differently
+    there. It is fitted on validation targets among items drawn at random from the market
+    (`training.served`); a ranker without one orders slates with `scorer`."""
 
     spec: RankerSpec
     neighbours: Neighbours
     pop: np.ndarray  # (n_rows,) float32: the market's training interactions per item
     global_pop: np.ndarray  # (n_rows,) float32: users of the item in all markets' training
     scorer: Scorer
+    slate_scorer: Scorer | None = None
+
+    def scorer_for(self, slate: bool) -> Scorer:
+        return self.slate_scorer if slate and self.slate_scorer is not None else self.scorer
 
 
 @dataclass(frozen=True)
@@ -273,11 +283,13 @@ def rank_session(bound: BoundRanker, session: Sequence[int], user: np.ndarray,
 
     `hits` are the model's retrieved rows (the index's top `spec.retrieve`, -1 for misses);
     with explicit `candidates` (rows sold in the market) only those are ranked and `hits` is
-    not used. `excluded` rows are never returned. Equal scores are ordered by row."""
+    not used (and the ranker's slate scorer orders them). `excluded` rows are never returned.
+    Equal scores are ordered by row."""
     pool, keys, sums = session_candidates(bound, session, hits, candidates, excluded)
     if not len(pool):
         return []
-    scores = bound.ranker.scorer.score(features(bound, user, pool, keys, sums))  # (C,)
+    scorer = bound.ranker.scorer_for(slate=candidates is not None)
+    scores = scorer.score(features(bound, user, pool, keys, sums))  # (C,)
     found = bound.items.rows[pool]
     order = np.lexsort((found, -scores))[:k]
     return [(int(found[i]), float(scores[i])) for i in order.tolist()]
@@ -500,7 +512,10 @@ def save_ranker(market_dir: Path, ranker: MarketRanker, weights_sha256: str,
         "schema_version": SCHEMA_VERSION, "weights_sha256": weights_sha256,
         "neighbours_file": name, "neighbours_sha256": sha, "n_rows": len(ranker.pop),
         "spec": _spec_json(ranker.spec), "features": list(ranker.spec.feature_names),
-        "scorer": _scorer_json(ranker.scorer), "fitted": fitted,
+        "scorer": _scorer_json(ranker.scorer),
+        "slate_scorer": None if ranker.slate_scorer is None
+        else _scorer_json(ranker.slate_scorer),
+        "fitted": fitted,
     }
     tmp_manifest = market_dir / f".{RANKER_MANIFEST}.{uuid.uuid4().hex[:8]}.tmp"
     try:
@@ -535,6 +550,9 @@ def load_ranker(market_dir: Path, weights_sha256: str, n_rows: int) -> MarketRan
     try:
         spec = _spec_from_json(data["spec"])
         scorer = _scorer_from_json(data["scorer"], len(spec.feature_names))
+        slate = data.get("slate_scorer")  # absent in rankers written before it existed
+        slate_scorer = (None if slate is None
+                        else _scorer_from_json(slate, len(spec.feature_names)))
         name = str(data["neighbours_file"])
         sha = str(data["neighbours_sha256"])
     except (KeyError, TypeError, ValueError) as e:
@@ -564,4 +582,4 @@ def load_ranker(market_dir: Path, weights_sha256: str, n_rows: int) -> MarketRan
     neighbours = Neighbours(indptr.astype(np.int64), cols.astype(np.int64),
                             values.astype(np.float32))
     return MarketRanker(spec, neighbours, table["pop"].astype(np.float32),
-                        table["global_pop"].astype(np.float32), scorer)
+                        table["global_pop"].astype(np.float32), scorer, slate_scorer)

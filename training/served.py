@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -94,40 +94,62 @@ def market_ranker(split: MarketSplit, shared: AllMarkets, n_rows: int, spec: Ran
 @dataclass(frozen=True)
 class Examples:
     """One market's fitting examples: features of each validation user's candidates and the
-    target's index among them (users whose target was not retrieved are counted, not kept)."""
+    target's index among them (users whose target was not retrieved are counted, not kept),
+    and the same users' slates: the target among `slate_negatives` items drawn at random from
+    the market (what an explicit candidate list looks like when nothing is known of it)."""
 
     examples: list[tuple[np.ndarray, int]]
     n_users: int
+    slates: list[tuple[np.ndarray, int]] = field(default_factory=list)
 
     @property
     def recall(self) -> float:
         return len(self.examples) / self.n_users if self.n_users else 0.0
 
 
+def slate_rows(rng: np.random.Generator, sold: np.ndarray, session: Sequence[int], target: int,
+               size: int) -> np.ndarray:
+    """The target and up to `size` other rows of `sold` drawn uniformly without replacement,
+    none of them in the session."""
+    taken = set(session) | {target}
+    draw = sold[rng.permutation(len(sold))[: size + len(taken)]]
+    others = [int(r) for r in draw if int(r) not in taken][:size]
+    return np.asarray([target, *others], dtype=np.int64)
+
+
 def validation_examples(bound: BoundRanker, model: Bert4XMR, split: MarketSplit,
                         market_row: int, device: str = "cpu", max_users: int | None = None,
-                        seed: int = 0) -> Examples:
+                        seed: int = 0, slate_negatives: int = 0) -> Examples:
     """Candidates and features of each validation user (at most `max_users`, a seeded
-    sample), as the service would compute them."""
+    sample), as the service would compute them; with `slate_negatives` also each user's
+    slate of that many random market items beside the target."""
     sessions = split.history("valid")
     targets = split.targets("valid")
     chosen = np.arange(len(sessions))
     if max_users is not None and len(sessions) > max_users:
         rng = np.random.default_rng([seed, len(sessions)])
         chosen = np.sort(rng.choice(len(sessions), size=max_users, replace=False))
+    slate_rng = np.random.default_rng([seed, len(sessions), 1])
     out: list[tuple[np.ndarray, int]] = []
+    slates: list[tuple[np.ndarray, int]] = []
     for start in range(0, len(chosen), 512):
         picked = chosen[start : start + 512]
         batch = [sessions[i] for i in picked]
         users = encode_sessions(model, batch, market_row, device).float().cpu().numpy()
         hits = retrieve(bound.items, users, bound.spec.retrieve)
         for b, session in enumerate(batch):
-            pool, keys, sums = session_candidates(bound, session, hits[b], None, session)
             target = int(targets[picked[b]])
+            pool, keys, sums = session_candidates(bound, session, hits[b], None, session)
             at = int(np.searchsorted(pool, bound.items.position[target]))
             if at < len(pool) and bound.items.rows[pool[at]] == target:
                 out.append((features(bound, users[b], pool, keys, sums).astype(np.float32), at))
-    return Examples(out, len(chosen))
+            if slate_negatives and bound.items.position[target] >= 0:
+                rows = slate_rows(slate_rng, bound.items.rows, session, target, slate_negatives)
+                slate, _, _ = session_candidates(bound, session, None, rows.tolist(), session)
+                at = int(np.searchsorted(slate, bound.items.position[target]))
+                slates.append((features(bound, users[b], slate, keys, sums).astype(np.float32),
+                               at))
+    return Examples(out, len(chosen), slates)
 
 
 @dataclass(frozen=True)
@@ -147,12 +169,13 @@ class RankerFitting:
 
     def __init__(self, splits: dict[str, MarketSplit], markets: list[str], n_rows: int,
                  spec: RankerSpec | None = None, max_users: int = 2000, seed: int = 0,
-                 sold: dict[str, np.ndarray] | None = None) -> None:
+                 sold: dict[str, np.ndarray] | None = None, slate_negatives: int = 0) -> None:
         self.started = time.perf_counter()
         self.splits, self.markets, self.n_rows = splits, markets, n_rows
         self.sold = {m: (sold or {}).get(m, splits[m].market_items) for m in markets}
         self.spec = spec or RankerSpec()
         self.max_users, self.seed = max_users, seed
+        self.slate_negatives = slate_negatives
         self.shared = AllMarkets.count([splits[m] for m in markets], n_rows)
         self.rankers: dict[str, MarketRanker] = {}
         self.examples: dict[str, Examples] = {}
@@ -166,27 +189,39 @@ class RankerFitting:
         self.rankers[market] = ranker
         self.examples[market] = validation_examples(
             bind(ranker, items, model.config.max_len), model, split, row, device,
-            self.max_users, self.seed)
+            self.max_users, self.seed, self.slate_negatives)
 
     def fit(self, hidden: int = 0, l2: float = 1e-3) -> FittedRankers:
         examples = [e for market in self.rankers for e in self.examples[market].examples]
         scorer = fit_scorer(examples, hidden=hidden, l2=l2, seed=self.seed)
+        slates = [e for market in self.rankers for e in self.examples[market].slates]
+        slate_scorer = fit_scorer(slates, hidden=hidden, l2=l2, seed=self.seed) \
+            if slates else None
         fitted: dict[str, dict[str, float | int]] = {}
         rankers: dict[str, MarketRanker] = {}
         for market, ranker in self.rankers.items():
-            rankers[market] = replace(ranker, scorer=scorer)
+            rankers[market] = replace(ranker, scorer=scorer, slate_scorer=slate_scorer)
             found = self.examples[market]
-            gain = sum(float(ndcg(np.asarray([_rank(scorer.score(f), t)]), 10))
-                       for f, t in found.examples)
             fitted[market] = {
                 "valid_users": found.n_users,
                 "valid_recall": round(found.recall, 6),
-                "valid_ndcg@10_in_sample": round(gain / max(found.n_users, 1), 6),
+                "valid_ndcg@10_in_sample": _ndcg(scorer, found.examples, found.n_users),
             }
-            logger.info("ranker market=%s valid_users=%d recall=%.4f valid_ndcg@10=%.4f "
-                        "(in sample)", market, found.n_users, found.recall,
-                        fitted[market]["valid_ndcg@10_in_sample"])
+            if slate_scorer is not None:
+                # both scorers on the slates: what the slate scorer buys there
+                fitted[market]["valid_slate_ndcg@10_in_sample"] = _ndcg(
+                    slate_scorer, found.slates, len(found.slates))
+                fitted[market]["valid_slate_ndcg@10_pool_scorer"] = _ndcg(
+                    scorer, found.slates, len(found.slates))
+            logger.info("ranker market=%s %s", market,
+                        " ".join(f"{k}={v}" for k, v in fitted[market].items()))
         return FittedRankers(rankers, fitted, time.perf_counter() - self.started)
+
+
+def _ndcg(scorer: Scorer, examples: list[tuple[np.ndarray, int]], n_users: int) -> float:
+    """Mean NDCG@10 of the examples' targets over `n_users` (users without an example: 0)."""
+    gain = sum(float(ndcg(np.asarray([_rank(scorer.score(f), t)]), 10)) for f, t in examples)
+    return round(gain / max(n_users, 1), 6)
 
 
 def _rank(scores: np.ndarray, target: int) -> int:

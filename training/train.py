@@ -421,7 +421,8 @@ def train_markets(
     if dist.is_main:
         save_checkpoint(out / "global", global_model, prepared.vocab, global_manifest)
     fitting = (RankerFitting(prepared.splits, prepared.markets, prepared.vocab.n_rows,
-                             ranker_spec(config.ranker), config.ranker.max_users, config.seed)
+                             ranker_spec(config.ranker), config.ranker.max_users, config.seed,
+                             slate_negatives=config.ranker.slate_negatives)
                if config.ranker.enabled and dist.is_main else None)
     weights: dict[str, str] = {}
     for market in prepared.markets:
