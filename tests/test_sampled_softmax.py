@@ -177,3 +177,28 @@ def test_fit_with_the_sampled_softmax_learns_and_gives_back_a_dense_table(
     assert result.best_metric is not None and result.best_metric > before + 0.02
     assert validate(model, splits, "cpu")["mean"] == pytest.approx(result.best_metric)
     assert not model.item_emb.sparse
+
+
+def test_fine_tuning_freezes_the_item_table_above_its_threshold(
+    synthetic_data_dir: Path, tiny_train_config: TrainConfig
+) -> None:
+    fine = TrainConfig().finetune
+    assert fine.freezes_items(8_304) is False  # XMarket's size: the fine-tune trains the table
+    assert fine.freezes_items(1_000_000) is True
+    assert TrainConfig().pretrain.freezes_items(1_000_000) is False  # pre-training never
+    assert replace(fine, freeze_items=True).freezes_items(10) is True
+
+    prepared = prepare(read_dataset(synthetic_data_dir), "full", seed=0)
+    model = new_model(prepared, tiny_train_config)
+    splits = [(prepared.splits[m], row) for row, m in enumerate(prepared.markets)]
+    table = model.item_emb.weight.detach().clone()
+    n_items = model.config.n_rows - 1
+    for softmax in ("full", "sampled"):
+        config = FitConfig(batch_size=32, max_epochs=1, softmax=softmax, negatives=64,
+                           distill_top=20, freeze_items_above=n_items - 1)
+        fit(model, splits, config, seed=0, name="frozen")
+        assert torch.equal(model.item_emb.weight, table)
+        assert model.item_emb.weight.grad is None  # no table-sized gradient kept
+        assert model.item_emb.weight.requires_grad  # given back trainable
+    fit(model, splits, replace(config, freeze_items_above=n_items), seed=0, name="trained")
+    assert not torch.equal(model.item_emb.weight, table)

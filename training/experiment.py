@@ -211,7 +211,7 @@ def run_seed(
         variants["no_market_emb"] = config.with_overrides(market_embedding=False)
     globals_: dict[str, Bert4XMR] = {}
     tuned: dict[str, dict[str, Bert4XMR]] = {name: {} for name in variants}
-    keys = {name: cache_key(dataset.fingerprint, split_name, seed, variant, markets)
+    keys = {name: cache_key(dataset.fingerprint, split_name, seed, variant, markets, n_rows - 1)
             for name, variant in variants.items()}
     cached: set[str] = set()  # variants whose models came from the cache
     for name, variant in variants.items():

@@ -48,11 +48,15 @@ class CachedModels:
 
 
 def cache_key(fingerprint: str, split: str, seed: int, config: TrainConfig,
-              markets: list[str]) -> str:
-    """The entry's name: sha256 of everything that decides the trained weights."""
+              markets: list[str], n_items: int) -> str:
+    """The entry's name: sha256 of everything that decides the trained weights, with each
+    fit's item-table freezing resolved for the catalogue's `n_items` (what the fit does)."""
     trained = config.to_dict()
     for key in ("ranker", "threads"):  # the served stage and the thread count do not
         trained.pop(key, None)
+    for stage, fit in (("pretrain", config.pretrain), ("finetune", config.finetune)):
+        trained[stage].pop("freeze_items_above")
+        trained[stage]["freeze_items"] = fit.freezes_items(n_items)
     trained["seed"] = seed
     blob = json.dumps({"version": CACHE_VERSION, "data": fingerprint, "split": split,
                        "markets": markets, "config": trained, "torch": torch.__version__},

@@ -373,19 +373,29 @@ def build_neighbours(cooc: PairCounts, ordered: PairCounts, local: PairCounts,
 
 
 def fit_scorer(examples: Sequence[tuple[np.ndarray, int]], hidden: int = 0, l2: float = 1e-3,
-               steps: int = 100, seed: int = 0) -> Scorer:
+               steps: int = 100, seed: int = 0, start: Scorer | None = None,
+               pull: float = 0.0) -> Scorer:
     """Fit a scorer by softmax cross-entropy of each example's target among its candidates
     (full-batch L-BFGS; an L2 penalty on the weights).
 
     `examples` are (features (C, F), index of the target among the C candidates); an example
-    whose target was not retrieved cannot teach the order and is left out by the caller."""
+    whose target was not retrieved cannot teach the order and is left out by the caller.
+    With `start` (a scorer of the same form) the fit starts from its weights, keeps its
+    standardisation, and the penalty is `pull` times the squared distance from its weights
+    instead: a few examples then move a shared scorer only as far as they can support."""
     import torch  # fitting only: serving scores with numpy
 
     if not examples:
         raise ValueError("no examples to fit the ranker on (no validation targets retrieved)")
     stacked = np.concatenate([f for f, _ in examples]).astype(np.float32)  # (total, F)
-    mean = stacked.mean(0, dtype=np.float64)
-    scale = np.maximum(stacked.std(0, dtype=np.float64), 1e-6)
+    if start is not None:
+        if (start.hidden_weights is None) != (hidden == 0) or (
+                start.hidden_weights is not None and start.hidden_weights.shape[0] != hidden):
+            raise ValueError("`start` must have the form being fitted")
+        mean, scale = start.mean, start.scale
+    else:
+        mean = stacked.mean(0, dtype=np.float64)
+        scale = np.maximum(stacked.std(0, dtype=np.float64), 1e-6)
     x = torch.from_numpy(((stacked - mean) / scale).astype(np.float32))
     sizes = torch.as_tensor([len(f) for f, _ in examples])
     segment = torch.repeat_interleave(torch.arange(len(examples)), sizes)  # (total,)
@@ -397,7 +407,15 @@ def fit_scorer(examples: Sequence[tuple[np.ndarray, int]], hidden: int = 0, l2: 
              / math.sqrt(n_features)).requires_grad_() if hidden else None
     bias = torch.zeros(hidden, requires_grad=True) if hidden else None
     out = torch.zeros(hidden or n_features, requires_grad=True)
+    if start is not None:
+        with torch.no_grad():
+            out.copy_(torch.from_numpy(start.weights))
+            if first is not None and bias is not None:
+                assert start.hidden_weights is not None and start.hidden_bias is not None
+                first.copy_(torch.from_numpy(start.hidden_weights))
+                bias.copy_(torch.from_numpy(start.hidden_bias))
     params = [p for p in (first, bias, out) if p is not None]
+    anchors = [p.detach().clone() for p in params]
 
     def loss_fn() -> torch.Tensor:
         z = torch.tanh(x @ first.T + bias) if first is not None and bias is not None else x
@@ -407,6 +425,9 @@ def fit_scorer(examples: Sequence[tuple[np.ndarray, int]], hidden: int = 0, l2: 
         total = torch.zeros(len(examples), dtype=scores.dtype).index_add(
             0, segment, torch.exp(scores - top[segment]))
         nll = (torch.log(total) + top - scores[target]).mean()
+        if start is not None:
+            return nll + pull * sum(((p - a) ** 2).sum() for p, a in zip(params, anchors,
+                                                                        strict=True))
         return nll + l2 * sum((p ** 2).sum() for p in params if p is not bias)
 
     optimizer = torch.optim.LBFGS(params, lr=1.0, max_iter=steps, history_size=20,

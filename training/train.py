@@ -190,12 +190,16 @@ class TrainingStep:
         dist = dist or Distributed.single()
         # NCCL has no sparse all-reduce: several GPU processes keep the table dense (a GPU
         # steps a million rows quickly); gloo (CPU) reduces sparse gradients.
-        sparse = (self.softmax == "sampled" and not config.freeze_items
+        frozen = config.freezes_items(model.config.n_rows - 1)
+        sparse = (self.softmax == "sampled" and not frozen
                   and not (dist.world_size > 1 and str(device).startswith("cuda")))
         model.item_emb.sparse = sparse
+        # A frozen table takes no gradient at all (no optimizer would ever clear it: at 1M
+        # items it would be a dense table-sized sum growing every step); `close` restores it.
+        model.item_emb.weight.requires_grad_(not frozen)
         self.wrapped = dist.wrap(model)
         table = model.item_emb.weight
-        dense_table = not (config.freeze_items or sparse)
+        dense_table = not (frozen or sparse)
         self.optimizers: list[torch.optim.Optimizer] = [torch.optim.AdamW(
             [p for p in model.parameters() if p.requires_grad and (p is not table or dense_table)],
             lr=config.lr, weight_decay=config.weight_decay)]
@@ -252,6 +256,7 @@ class TrainingStep:
 
     def close(self) -> None:
         self.model.item_emb.sparse = False
+        self.model.item_emb.weight.requires_grad_(True)
 
 
 def fit(
