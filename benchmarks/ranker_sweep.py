@@ -31,15 +31,15 @@ from training.data import read_dataset
 from training.evaluate import encode_sessions
 from training.metrics import ndcg
 from training.model_cache import ModelCache, cache_key
-from training.ranker import Scorer, bind, fit_scorer, rank_session
-from training.served import RankerFitting, item_vectors, ranker_spec, retrieve
+from training.ranker import bind, rank_session
+from training.served import RankerFitting, fit_scorers, item_vectors, ranker_spec, retrieve
 from training.train import new_model, prepare
 
 Examples = list[tuple[np.ndarray, int]]
 
 
 def cross_validated(per_market: dict[str, tuple[Examples, int]], hidden: int, l2: float,
-                    market_l2: float | None, seed: int) -> dict[str, float]:
+                    market_l2: float, seed: int) -> dict[str, float]:
     """NDCG@10 per market, each example scored by the scorer fitted on the other fold."""
     rng = np.random.default_rng(seed)
     folds = {m: rng.permutation(len(ex)) % 2 for m, (ex, _) in per_market.items()}
@@ -57,21 +57,8 @@ def cross_validated(per_market: dict[str, tuple[Examples, int]], hidden: int, l2
     return {m: gains[m] / max(n, 1) for m, (_, n) in per_market.items()}
 
 
-def fit_scorers(train: dict[str, Examples], hidden: int, l2: float, market_l2: float | None,
-                seed: int) -> dict[str, Scorer]:
-    """One shared scorer, or (with `market_l2`) the shared one refitted per market with an
-    L2 pull towards it: each market's linear weights = shared + a penalised deviation."""
-    everything = [e for ex in train.values() for e in ex]
-    shared = fit_scorer(everything, hidden=hidden, l2=l2, seed=seed)
-    if market_l2 is None:
-        return dict.fromkeys(train, shared)
-    return {m: fit_scorer(ex, hidden=hidden, l2=l2, seed=seed, start=shared,
-                          pull=market_l2) if ex else shared
-            for m, ex in train.items()}
-
-
 def rank_session_cost(fitting: RankerFitting, models: dict[str, Any], prepared: Any,
-                      ranker_config: RankerConfig, market_l2: float | None, seed: int,
+                      ranker_config: RankerConfig, market_l2: float, seed: int,
                       sessions: int = 300) -> float:
     """Median microseconds of one `rank_session` call (the service's second stage) over the
     first `sessions` validation sessions of every market, with the variant's scorer fitted on
@@ -118,7 +105,7 @@ def main() -> None:
                          f"{args.cache} (key {key[:12]}): run `xmr experiment --cache` first")
     sold = ({m: prepared.splits[m].catalogue() for m in markets} if args.split == "acmr"
             else None)
-    known = {f.name for f in fields(RankerConfig)} | {"name", "market_l2"}
+    known = {f.name for f in fields(RankerConfig)} | {"name"}
     built: dict[tuple[Any, ...], RankerFitting] = {}  # examples depend on the candidates only
     for variant in json.loads(Path(args.variants).read_text()):
         unknown = set(variant) - known
@@ -126,7 +113,7 @@ def main() -> None:
             raise SystemExit(f"variant {variant.get('name')}: unknown keys {sorted(unknown)}")
         started = time.perf_counter()
         ranker_config = replace(config.ranker, **{k: v for k, v in variant.items()
-                                                  if k not in ("name", "market_l2")})
+                                                  if k != "name"})
         candidates = (ranker_config.retrieve, ranker_config.expand, ranker_config.neighbours,
                       ranker_config.max_users, ranker_config.slate_negatives)
         if candidates not in built:
@@ -142,17 +129,17 @@ def main() -> None:
         pools = {m: (fitting.examples[m].examples, fitting.examples[m].n_users)
                  for m in markets}
         out["pool"] = cross_validated(pools, ranker_config.hidden, ranker_config.l2,
-                                      variant.get("market_l2"), args.seed)
+                                      ranker_config.market_l2, args.seed)
         out["pool_mean"] = float(np.mean(list(out["pool"].values())))
         out["recall"] = {m: fitting.examples[m].recall for m in markets}
         if ranker_config.slate_negatives:
             slates = {m: (fitting.examples[m].slates, len(fitting.examples[m].slates))
                       for m in markets}
             out["slate"] = cross_validated(slates, ranker_config.hidden, ranker_config.l2,
-                                           variant.get("market_l2"), args.seed)
+                                           ranker_config.market_l2, args.seed)
             out["slate_mean"] = float(np.mean(list(out["slate"].values())))
         out["rank_session_us"] = rank_session_cost(fitting, cached.tuned, prepared,
-                                                   ranker_config, variant.get("market_l2"),
+                                                   ranker_config, ranker_config.market_l2,
                                                    args.seed)
         out["seconds"] = round(time.perf_counter() - started, 1)
         print(json.dumps(out), flush=True)

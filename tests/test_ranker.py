@@ -172,6 +172,30 @@ def test_fit_scorer_learns_which_feature_points_at_the_target() -> None:
     assert sum(int(np.argmax(hidden.score(f)) == t) for f, t in examples) >= oracle - 10
 
 
+def test_a_market_scorer_pulled_towards_the_shared_one_moves_as_far_as_its_data_supports(
+) -> None:
+    rng = np.random.default_rng(2)
+
+    def examples(signal: int, n: int) -> list[tuple[np.ndarray, int]]:
+        out = []
+        for _ in range(n):
+            features = rng.normal(size=(20, 3))
+            target = int(rng.integers(20))
+            features[target, signal] += 2.0
+            out.append((features, target))
+        return out
+
+    shared = fit_scorer(examples(1, 300), steps=50)  # the shared data: feature 1 matters
+    local = examples(2, 300)  # this market: feature 2 matters
+    held = fit_scorer(local, steps=50, start=shared, pull=1e4)
+    assert held.weights == pytest.approx(shared.weights, abs=1e-3)
+    assert np.array_equal(held.mean, shared.mean) and np.array_equal(held.scale, shared.scale)
+    free = fit_scorer(local, steps=50, start=shared, pull=1e-4)
+    assert free.weights[2] > 5 * abs(shared.weights[2])
+    with pytest.raises(ValueError, match="form"):
+        fit_scorer(local, hidden=4, start=shared, pull=1.0)
+
+
 def test_ranker_files_round_trip_and_refuse_what_does_not_fit(tmp_path: Path) -> None:
     ranker, items = small_ranker()
     save_ranker(tmp_path, ranker, "a" * 64, {"valid_users": 3})

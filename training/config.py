@@ -110,7 +110,9 @@ class RankerConfig:
     neighbours each item keeps, the scorer's form (0 hidden units: linear) and its L2 weight,
     how many validation users per market it is fitted on at most, and how many random market
     items stand beside each validation target when the scorer of explicit candidate lists
-    (`MarketRanker.slate_scorer`) is fitted (0: lists are ordered by the pool's scorer)."""
+    (`MarketRanker.slate_scorer`) is fitted (0: lists are ordered by the pool's scorer), and
+    the pull of each market's own scorer towards the shared one (0: every market uses the
+    shared scorer; see `RankerFitting.fit`)."""
 
     enabled: bool = True
     retrieve: int = 200
@@ -120,6 +122,7 @@ class RankerConfig:
     l2: float = 1e-3
     max_users: int = 2000
     slate_negatives: int = 99
+    market_l2: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -260,7 +260,8 @@ def run_seed(
             cache.store(keys[name], CachedModels(globals_[name], tuned[name],
                                                  watch.seconds.get(name, 0.0)),
                         {"variant": name, "split": split_name, "seed": seed})
-    fitted = fitting.fit(config.ranker.hidden, config.ranker.l2) if fitting is not None else None
+    fitted = (fitting.fit(config.ranker.hidden, config.ranker.l2, config.ranker.market_l2)
+              if fitting is not None else None)
 
     out: dict[str, dict[str, dict[str, Metrics]]] = {p: {} for p in protocols}
     for row, market in enumerate(markets):

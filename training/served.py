@@ -191,17 +191,22 @@ class RankerFitting:
             bind(ranker, items, model.config.max_len), model, split, row, device,
             self.max_users, self.seed, self.slate_negatives)
 
-    def fit(self, hidden: int = 0, l2: float = 1e-3) -> FittedRankers:
-        examples = [e for market in self.rankers for e in self.examples[market].examples]
-        scorer = fit_scorer(examples, hidden=hidden, l2=l2, seed=self.seed)
-        slates = [e for market in self.rankers for e in self.examples[market].slates]
-        slate_scorer = fit_scorer(slates, hidden=hidden, l2=l2, seed=self.seed) \
-            if slates else None
+    def fit(self, hidden: int = 0, l2: float = 1e-3, market_l2: float = 0.0) -> FittedRankers:
+        """One scorer fitted on every market's examples; with `market_l2` > 0 each market's
+        own, started from it and pulled towards it with that weight (a market with few
+        validation users then stays near the shared scorer)."""
+        scorers = fit_scorers({m: self.examples[m].examples for m in self.rankers}, hidden,
+                              l2, market_l2, self.seed)
+        slate_scorers: dict[str, Scorer | None] = dict.fromkeys(self.rankers)
+        if any(self.examples[m].slates for m in self.rankers):
+            slate_scorers.update(fit_scorers({m: self.examples[m].slates for m in self.rankers},
+                                             hidden, l2, market_l2, self.seed))
         fitted: dict[str, dict[str, float | int]] = {}
         rankers: dict[str, MarketRanker] = {}
         for market, ranker in self.rankers.items():
-            rankers[market] = replace(ranker, scorer=scorer, slate_scorer=slate_scorer)
             found = self.examples[market]
+            scorer, slate_scorer = scorers[market], slate_scorers[market]
+            rankers[market] = replace(ranker, scorer=scorer, slate_scorer=slate_scorer)
             fitted[market] = {
                 "valid_users": found.n_users,
                 "valid_recall": round(found.recall, 6),
@@ -216,6 +221,18 @@ class RankerFitting:
             logger.info("ranker market=%s %s", market,
                         " ".join(f"{k}={v}" for k, v in fitted[market].items()))
         return FittedRankers(rankers, fitted, time.perf_counter() - self.started)
+
+
+def fit_scorers(examples: dict[str, list[tuple[np.ndarray, int]]], hidden: int, l2: float,
+                market_l2: float, seed: int) -> dict[str, Scorer]:
+    """Each market's scorer: the one fitted on every market's examples, or with `market_l2` > 0
+    that one refitted on the market's own examples, pulled towards it with that weight."""
+    shared = fit_scorer([e for found in examples.values() for e in found], hidden=hidden,
+                        l2=l2, seed=seed)
+    if not market_l2:
+        return dict.fromkeys(examples, shared)
+    return {m: fit_scorer(found, hidden=hidden, l2=l2, seed=seed, start=shared, pull=market_l2)
+            if found else shared for m, found in examples.items()}
 
 
 def _ndcg(scorer: Scorer, examples: list[tuple[np.ndarray, int]], n_users: int) -> float:

@@ -453,7 +453,7 @@ def train_markets(
         if fitting is not None:
             fitting.add(market, model, device)
     if fitting is not None:
-        fitted = fitting.fit(config.ranker.hidden, config.ranker.l2)
+        fitted = fitting.fit(config.ranker.hidden, config.ranker.l2, config.ranker.market_l2)
         for market, ranker in fitted.rankers.items():
             save_ranker(out / "markets" / market, ranker, weights[market], fitted.fitted[market])
         logger.info("rankers fitted markets=%d seconds=%.1f", len(fitted.rankers),
