@@ -22,8 +22,9 @@ measured side by side in one run (benchmarks/README.md has the results and the c
 The artifacts are written here, not trained (training now samples its softmax above 20K items,
 but a whole 1M-item `xmr train`, with full-ranking validation at ~0.1 s per user, was not run on
 this machine): a Bert4XMR of the default shape
-(d_model 64, 2 layers) with torch's random initialisation, to whose item embeddings a direction
-of a rank-64 PureSVD of the synthetic user-item matrix is added (items bought by the same users
+(TrainConfig's: d_model 128, 2 layers, since issue 10; d_model 64 before) with torch's random
+initialisation, to whose item embeddings a direction of a rank-d_model PureSVD of the synthetic
+user-item matrix is added (items bought by the same users
 point the same way, as in a trained model; the init noise keeps items with the same buyers
 apart, as training does), with the norms of a trained model's rows (LEARNED_NORM,
 MARKET_NORM). Saved with the real `training.checkpoint.save_checkpoint`. Good for time, memory
