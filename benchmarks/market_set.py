@@ -6,9 +6,9 @@ Layouts:
 - `full`: each market checkpoint carries the whole item table (schema 1, as before the shared
   table); with `--before-src` its indexes are built and served by that checkout's code;
 - `shared`: each market shares the global item table and changed none of its rows (schema 2,
-  what `xmr train` writes with `finetune.freeze_items`);
+  what `xmr train` writes with `finetune.freeze_items`, and by default above 100K items);
 - `shared-rows`: shared, but every sold row changed (schema 2, a fine-tune that trained the
-  item table: what `xmr train` writes by default).
+  item table: what `xmr train` writes by default up to 100K items).
 """
 
 from __future__ import annotations
