@@ -64,10 +64,10 @@ class RankerSpec:
         Aggregate("next", 0.6),
         Aggregate("local", 0.6),
     )
-    retrieve: int = 200  # the model's candidates (inner-product top-N)
-    expand: int = 200  # co-occurrence candidates, by the `expand_by` aggregate
+    retrieve: int = 100  # the model's candidates (inner-product top-N)
+    expand: int = 100  # co-occurrence candidates, by the `expand_by` aggregate
     expand_by: int = 1  # index into `aggregates`
-    neighbours: int = 100  # most similar items kept per item (by "cooc")
+    neighbours: int = 50  # most similar items kept per item (by "cooc")
 
     @property
     def feature_names(self) -> tuple[str, ...]:
