@@ -161,11 +161,12 @@ class FittedRankers:
 
 class RankerFitting:
     """Builds each market's ranker as its fine-tuned model arrives (`add`), keeping only the
-    ranker and its validation examples, then fits one scorer for all markets (`fit`).
+    ranker and its validation examples, then fits the scorers (`fit`).
 
-    One scorer for all markets: a small market has too few validation users to fit its own.
-    At most `max_users` validation users per market are kept (a seeded sample). `sold` gives
-    the items each market's index holds where it is not the split's market items."""
+    One scorer is fitted on all markets, and each market's own only as a pull towards it
+    (`fit_scorers`): a small market has too few validation users to fit one alone. At most
+    `max_users` validation users per market are kept (a seeded sample). `sold` gives the items
+    each market's index holds where it is not the split's market items."""
 
     def __init__(self, splits: dict[str, MarketSplit], markets: list[str], n_rows: int,
                  spec: RankerSpec | None = None, max_users: int = 2000, seed: int = 0,
