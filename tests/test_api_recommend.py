@@ -176,6 +176,7 @@ def served_top_k(artifacts: Path, market: str, sessions: list[list[str]], k: int
     if candidates is None:
         scores = scorer(histories).numpy()  # (B, n_rows), -inf outside the served top k
     else:
+        assert ranker.slate_scorer is not None  # `xmr train` fits one: lists are ordered by it
         cols = np.asarray([ckpt.vocab.indices(candidates)] * len(sessions))
         picked = scorer.score_candidates(histories, cols).numpy()  # (B, C)
         scores = np.full((len(sessions), ckpt.vocab.n_rows), -np.inf)
