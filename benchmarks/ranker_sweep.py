@@ -58,13 +58,13 @@ def cross_validated(per_market: dict[str, tuple[Examples, int]], hidden: int, l2
 
 
 def rank_session_cost(fitting: RankerFitting, models: dict[str, Any], prepared: Any,
-                      ranker_config: RankerConfig, market_l2: float, seed: int,
-                      sessions: int = 300) -> float:
+                      ranker_config: RankerConfig, seed: int, sessions: int = 300) -> float:
     """Median microseconds of one `rank_session` call (the service's second stage) over the
     first `sessions` validation sessions of every market, with the variant's scorer fitted on
     all its examples; encoding and retrieval are done beforehand and not counted."""
     train = {m: fitting.examples[m].examples for m in fitting.markets}
-    scorers = fit_scorers(train, ranker_config.hidden, ranker_config.l2, market_l2, seed)
+    scorers = fit_scorers(train, ranker_config.hidden, ranker_config.l2,
+                          ranker_config.market_l2, seed)
     timings: list[float] = []
     for row, market in enumerate(fitting.markets):
         ranker = replace(fitting.rankers[market], scorer=scorers[market])
@@ -139,8 +139,7 @@ def main() -> None:
                                            ranker_config.market_l2, args.seed)
             out["slate_mean"] = float(np.mean(list(out["slate"].values())))
         out["rank_session_us"] = rank_session_cost(fitting, cached.tuned, prepared,
-                                                   ranker_config, ranker_config.market_l2,
-                                                   args.seed)
+                                                   ranker_config, args.seed)
         out["seconds"] = round(time.perf_counter() - started, 1)
         print(json.dumps(out), flush=True)
 

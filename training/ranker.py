@@ -266,14 +266,21 @@ def session_candidates(bound: BoundRanker, session: Sequence[int], hits: np.ndar
     keys, sums = aggregate(bound, rows, ages)
     excluded_rows = np.fromiter(excluded, dtype=np.int64)
     if candidates is not None:
-        n = len(bound.items.rows)
-        taken = np.zeros(n + 1, dtype=bool)  # the last slot takes the -1 of unsold rows
-        taken[bound.items.position[np.fromiter(candidates, dtype=np.int64)]] = True
-        taken[bound.items.position[excluded_rows]] = False
-        return np.flatnonzero(taken[:n]), keys, sums
+        return candidate_list(bound, candidates, excluded_rows), keys, sums
     assert hits is not None
     pool = candidate_pool(bound, np.asarray(hits, dtype=np.int64), keys, sums, excluded_rows)
     return pool, keys, sums
+
+
+def candidate_list(bound: BoundRanker, candidates: Iterable[int], excluded: np.ndarray
+                   ) -> np.ndarray:
+    """Sorted positions of explicit candidate rows, minus `excluded` rows and rows the
+    market does not sell."""
+    n = len(bound.items.rows)
+    taken = np.zeros(n + 1, dtype=bool)  # the last slot takes the -1 of unsold rows
+    taken[bound.items.position[np.fromiter(candidates, dtype=np.int64)]] = True
+    taken[bound.items.position[excluded]] = False
+    return np.flatnonzero(taken[:n])
 
 
 def rank_session(bound: BoundRanker, session: Sequence[int], user: np.ndarray,

@@ -27,6 +27,7 @@ from training.ranker import (
     Scorer,
     bind,
     build_neighbours,
+    candidate_list,
     count_pairs,
     features,
     fit_scorer,
@@ -145,7 +146,8 @@ def validation_examples(bound: BoundRanker, model: Bert4XMR, split: MarketSplit,
                 out.append((features(bound, users[b], pool, keys, sums).astype(np.float32), at))
             if slate_negatives and bound.items.position[target] >= 0:
                 rows = slate_rows(slate_rng, bound.items.rows, session, target, slate_negatives)
-                slate, _, _ = session_candidates(bound, session, None, rows.tolist(), session)
+                # the pool's sums are the session's: only the candidates differ
+                slate = candidate_list(bound, rows, np.asarray(session, dtype=np.int64))
                 at = int(np.searchsorted(slate, bound.items.position[target]))
                 slates.append((features(bound, users[b], slate, keys, sums).astype(np.float32),
                                at))
