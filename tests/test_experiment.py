@@ -277,6 +277,10 @@ def test_a_cached_run_rescores_the_same_models_without_training_them(
     with pytest.raises(AssertionError, match="trained again"):
         run_experiment(dataset, ["full"], [0], other, negatives, cache_dir=cache)
     monkeypatch.undo()
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("x")
+    with pytest.raises(ExperimentError, match=r"--cache .*file: not a usable directory"):
+        run_experiment(dataset, ["full"], [0], config, negatives, cache_dir=not_a_dir)
     for entry in entries:
         (entry / "global.pt").write_bytes(b"not a checkpoint")
     repaired = run_experiment(dataset, ["full", "forec"], [0], config, negatives,

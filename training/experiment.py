@@ -370,6 +370,11 @@ def run_experiment(
     """
     if not seeds:
         raise ExperimentError("need at least one seed")
+    if cache_dir is not None:  # refused before any training, not when the first entry is stored
+        try:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ExperimentError(f"--cache {cache_dir}: not a usable directory ({e})") from e
     protocols = parse_protocols(protocols)
     chosen = parse_models(models)
     stores = {p: NegativeStore(negatives_dirs[p]) for p in protocols if p != "full"}
