@@ -4,6 +4,7 @@ candidates, ordering, the fitted scorer and the ranker's files."""
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -127,6 +128,40 @@ def test_rank_session_ranks_hits_and_neighbours_minus_the_session() -> None:
     explicit = rank_session(bound, [1, 2], user, None, [5, 2, 0, 7], [1, 2], k=10)
     assert {row for row, _ in explicit} == {5, 7}
     assert rank_session(bound, [1, 2], user, None, [1], [1, 2], k=10) == []
+
+
+def test_rank_session_does_not_depend_on_earlier_calls_in_the_thread() -> None:
+    # The candidate steps reuse a per-thread scratch array without clearing it: what a call
+    # leaves there must never reach the next one.
+    ranker, items = small_ranker()
+    bound = bind(ranker, items, max_len=10)
+    user = np.ones(4, dtype=np.float32)
+    sessions = [[1, 2], [6], [4, 5, 3], [7, 1], [2, 2, 5]]
+
+    def ranks(order: list[int]) -> dict[int, object]:
+        return {i: (rank_session(bound, sessions[i], user, np.asarray([6, 7, 3]), None,
+                                 sessions[i], k=10),
+                    rank_session(bound, sessions[i], user, None, [5, 7, 3, 1], sessions[i], k=10))
+                for i in order}
+
+    fresh: dict[int, object] = {}
+    for i in range(len(sessions)):  # each in a new thread: a new, empty scratch
+        worker = threading.Thread(target=lambda i=i: fresh.update(ranks([i])))
+        worker.start()
+        worker.join()
+    assert ranks([4, 0, 3, 1, 2]) == fresh
+
+
+def test_excluded_rows_the_market_does_not_sell_exclude_nothing_else() -> None:
+    ranker, items = small_ranker()
+    bound = bind(ranker, items, max_len=10)
+    # row 0 (padding) is not sold: position -1, which must not stand for the last position
+    last = int(items.rows[-1])
+    explicit = rank_session(bound, [1], np.ones(4, np.float32), None, [last, 7], [0], k=10)
+    assert {row for row, _ in explicit} == {last, 7}
+    pooled = rank_session(bound, [1], np.ones(4, np.float32), np.asarray([last]), None, [0],
+                          k=10)
+    assert last in {row for row, _ in pooled}
 
 
 def test_rank_session_breaks_equal_scores_by_row() -> None:

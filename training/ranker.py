@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import threading
 import uuid
 import zipfile
 from collections.abc import Iterable, Sequence
@@ -148,9 +149,9 @@ class BoundRanker:
     ranker: MarketRanker
     items: ItemVectors
     cols: np.ndarray  # (nnz,) int64 positions of the neighbours in `items`
-    # (A, nnz) float64: each neighbour entry's statistic as each aggregate sums it, its
+    # (nnz, A) float64: each neighbour entry's statistic as each aggregate sums it, its
     # pop_shift factor (n_j / n_i) ** shift already applied (computed once, at bind); one row
-    # per aggregate, so a request's sums run along contiguous rows.
+    # per entry, so a request gathers its entries' rows whole.
     terms: np.ndarray
     weights: np.ndarray  # (max_len, A) float64: decay ** age of each aggregate
     log_pop: np.ndarray  # (N,) float64 by position
@@ -179,7 +180,7 @@ def bind(ranker: MarketRanker, items: ItemVectors, max_len: int) -> BoundRanker:
         shifts = np.asarray([spec.aggregates[k].pop_shift for k in shifted])
         terms[:, shifted] *= np.exp(gap[:, None] * shifts[None, :])
     return BoundRanker(
-        ranker, items, cols.astype(np.int64), np.ascontiguousarray(terms.T),
+        ranker, items, cols.astype(np.int64), np.ascontiguousarray(terms),
         decays[None, :] ** np.arange(max_len, dtype=np.float64)[:, None],  # 0 ** 0 = 1
         np.log1p(ranker.pop[items.rows].astype(np.float64)),
         np.log1p(ranker.global_pop[items.rows].astype(np.float64)),
@@ -198,26 +199,49 @@ def session_arrays(session: Sequence[int], max_len: int) -> tuple[np.ndarray, np
     return rows, ages
 
 
+_SCRATCH = threading.local()
+
+
+def _slots(n: int) -> np.ndarray:
+    """This thread's scratch array of at least `n` ints, left as the last use left it: a
+    caller writes every slot it reads, so no request costs O(market size)."""
+    slots: np.ndarray | None = getattr(_SCRATCH, "slots", None)
+    if slots is None or len(slots) < n:
+        slots = _SCRATCH.slots = np.empty(max(n, 1024), dtype=np.intp)
+    return slots
+
+
 def aggregate(bound: BoundRanker, rows: np.ndarray, ages: np.ndarray
               ) -> tuple[np.ndarray, np.ndarray]:
     """Every market item co-occurring with the session: (U,) sorted positions and (U, A) the
-    aggregates' sums. Sparse on purpose: a request touches a few hundred neighbours, and a
-    dense array over the market's items costs more to allocate than to fill."""
+    aggregates' sums. Sparse on purpose: a request touches a few hundred neighbours, so its
+    cost follows them, not the market's size. The entries of one item are summed in session
+    order (a bincount over entry groups: no sort of the entries)."""
     table = bound.ranker.neighbours
-    starts, ends = table.indptr[rows], table.indptr[rows + 1]
-    lengths = ends - starts  # (T,)
-    entries = np.arange(int(lengths.sum()), dtype=np.int64) + np.repeat(
+    starts = table.indptr[rows]
+    lengths = table.indptr[rows + 1] - starts  # (T,)
+    total = int(lengths.sum())
+    n_aggregates = bound.terms.shape[1]
+    if not total:
+        return np.zeros(0, dtype=np.int64), np.zeros((0, n_aggregates), dtype=np.float64)
+    entries = np.arange(total, dtype=np.int64) + np.repeat(
         starts - np.cumsum(lengths) + lengths, lengths)  # (E,)
-    owner = np.repeat(np.arange(len(rows)), lengths)  # (E,) the session item of each entry
-    cols = bound.cols[entries]
-    order = np.argsort(cols, kind="stable")
-    cols, entries, owner = cols[order], entries[order], owner[order]
-    first = np.flatnonzero(np.concatenate(([True], cols[1:] != cols[:-1]))) if len(cols) else \
-        np.zeros(0, dtype=np.int64)
-    if not len(first):
-        return cols, np.zeros((0, len(bound.terms)), dtype=np.float64)
-    contribution = bound.terms[:, entries] * bound.weights[ages[owner]].T  # (A, E), by column
-    return cols[first], np.add.reduceat(contribution, first, axis=1).T
+    cols = bound.cols[entries]  # (E,) candidate positions, repeated across session items
+    # Group entries by position: each position's slot names one of its entries (the last
+    # written); entries naming themselves are the groups' representatives, in entry order.
+    slots = _slots(len(bound.items.rows))
+    serial = np.arange(total)
+    slots[cols] = serial
+    representative = slots[cols]  # (E,)
+    first = representative == serial
+    group = (np.cumsum(first) - 1)[representative]  # (E,) in 0..U-1
+    keys = cols[first]  # (U,) positions, in order of their last entry
+    contribution = bound.terms[entries] * np.repeat(bound.weights[ages], lengths, axis=0)
+    flat = (group[:, None] * n_aggregates + np.arange(n_aggregates)).ravel()
+    sums = np.bincount(flat, weights=contribution.ravel(),
+                       minlength=len(keys) * n_aggregates).reshape(len(keys), n_aggregates)
+    order = np.argsort(keys)
+    return keys[order], sums[order]
 
 
 def features(bound: BoundRanker, user: np.ndarray, pool: np.ndarray, keys: np.ndarray,
@@ -237,23 +261,41 @@ def features(bound: BoundRanker, user: np.ndarray, pool: np.ndarray, keys: np.nd
     return out
 
 
+def _members(positions: np.ndarray, of: np.ndarray, slots: np.ndarray) -> np.ndarray:
+    """(P,) bool: which `positions` are among the positions `of` (both >= 0)."""
+    slots[positions] = 0
+    slots[of] = 1
+    return slots[positions] == 1
+
+
+def _distinct(positions: np.ndarray, slots: np.ndarray) -> np.ndarray:
+    """The distinct `positions` (>= 0), sorted."""
+    serial = np.arange(len(positions))
+    slots[positions] = serial
+    return np.sort(positions[slots[positions] == serial])
+
+
+def _sold(position: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Positions of the `rows` sold in the market (unsold rows, position -1, dropped)."""
+    found = position[rows]
+    return found[found >= 0]
+
+
 def candidate_pool(bound: BoundRanker, hits: np.ndarray, keys: np.ndarray, sums: np.ndarray,
                    excluded: np.ndarray) -> np.ndarray:
     """Sorted positions: the model's hits (item rows; FAISS misses -1 dropped) and the
-    `expand` items co-occurring most with the session, minus `excluded` rows."""
+    `expand` items co-occurring most with the session, minus `excluded` rows. Costs what
+    the candidates number, not the market's size."""
     spec = bound.spec
-    n = len(bound.items.rows)
-    dropped = np.zeros(n + 1, dtype=bool)  # the last slot takes the -1 of unsold rows
-    dropped[bound.items.position[excluded]] = True
-    keep = ~dropped[keys]  # the session's own items take no co-occurrence slot
+    slots = _slots(len(bound.items.rows))
+    dropped = _sold(bound.items.position, excluded)
+    keep = ~_members(keys, dropped, slots)  # the session's own items take no co-occurrence slot
     linked, by = keys[keep], sums[keep, spec.expand_by]
     if len(linked) > spec.expand:
         linked = linked[np.argpartition(-by, spec.expand - 1)[: spec.expand]]
-    taken = np.zeros(n + 1, dtype=bool)
-    taken[bound.items.position[hits[hits >= 0]]] = True
-    taken[linked] = True
-    taken &= ~dropped
-    return np.flatnonzero(taken[:n])
+    pool = _distinct(np.concatenate((_sold(bound.items.position, hits[hits >= 0]), linked)),
+                     slots)
+    return pool[~_members(pool, dropped, slots)]
 
 
 def session_candidates(bound: BoundRanker, session: Sequence[int], hits: np.ndarray | None,
@@ -276,11 +318,10 @@ def candidate_list(bound: BoundRanker, candidates: Iterable[int], excluded: np.n
                    ) -> np.ndarray:
     """Sorted positions of explicit candidate rows, minus `excluded` rows and rows the
     market does not sell."""
-    n = len(bound.items.rows)
-    taken = np.zeros(n + 1, dtype=bool)  # the last slot takes the -1 of unsold rows
-    taken[bound.items.position[np.fromiter(candidates, dtype=np.int64)]] = True
-    taken[bound.items.position[excluded]] = False
-    return np.flatnonzero(taken[:n])
+    slots = _slots(len(bound.items.rows))
+    found = _distinct(_sold(bound.items.position, np.fromiter(candidates, dtype=np.int64)),
+                      slots)
+    return found[~_members(found, _sold(bound.items.position, excluded), slots)]
 
 
 def rank_session(bound: BoundRanker, session: Sequence[int], user: np.ndarray,
