@@ -181,3 +181,25 @@ def test_truncated_negatives_file_is_refused(
     path.write_bytes(path.read_bytes()[:100])
     with pytest.raises(NegativesError, match=str(path)):
         store.sync(split, dataset.fingerprint)
+
+
+def test_an_evaluation_subset_keeps_each_users_rows_together_and_is_fixed(
+    dataset: Dataset, vocab: Vocab
+) -> None:
+    split = _split(dataset, vocab, dataset.market_codes[0], "forec", seed=0)
+    n = len(split.eval_users)
+    assert n > 4
+    assert split.evaluating(n) is split  # nothing to cut
+    subset = split.evaluating(n // 2)
+    assert len(subset.eval_users) == n // 2
+    assert subset.eval_users.tolist() == sorted(subset.eval_users.tolist())  # original order
+    at = {int(u): b for b, u in enumerate(split.eval_users)}
+    assert split.valid_negatives is not None and subset.valid_negatives is not None
+    assert split.test_negatives is not None and subset.test_negatives is not None
+    for b, user in enumerate(subset.eval_users.tolist()):  # a user's target and negatives
+        assert subset.valid[b] == split.valid[at[user]]
+        assert subset.test[b] == split.test[at[user]]
+        assert (subset.valid_negatives[b] == split.valid_negatives[at[user]]).all()
+        assert (subset.test_negatives[b] == split.test_negatives[at[user]]).all()
+    assert subset.history("test") == [split.history("test")[at[u]] for u in subset.eval_users]
+    assert split.evaluating(n // 2).eval_users.tolist() == subset.eval_users.tolist()

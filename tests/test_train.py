@@ -52,6 +52,25 @@ def test_fit_keeps_the_best_validation_epoch(
     assert restored == pytest.approx(result.best_metric)
 
 
+def test_validation_is_capped_by_the_scores_it_may_compute(
+    dataset: Dataset, tiny_train_config: TrainConfig
+) -> None:
+    prepared = prepare(dataset, "full", seed=0)
+    model = new_model(prepared, tiny_train_config)
+    split = prepared.splits["aa"]
+    n_items = model.config.n_rows - 1
+    assert len(split.eval_users) > 3
+    config = FitConfig(batch_size=32, max_epochs=2, patience=5, valid_scores=3 * n_items)
+    assert config.valid_users_for(n_items) == 3
+    assert FitConfig().valid_users_for(n_items) >= len(split.eval_users)  # the default: all
+    result = fit(model, [(split, 0)], config, 0, "test")
+    subset = split.evaluating(3)
+    restored = evaluate_split(subset, model_scorer(model, 0), "valid")["ndcg@10"]
+    assert restored == pytest.approx(result.best_metric)  # early stopping scored the subset
+    with pytest.raises(ValueError, match="valid_scores"):
+        FitConfig(valid_scores=0)
+
+
 def _test_metrics(dataset: Dataset, config: TrainConfig, seed: int) -> dict[str, float]:
     prepared = prepare(dataset, "acmr", seed)
     model, _ = pretrain(prepared, replace(config, seed=seed))

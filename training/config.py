@@ -79,12 +79,19 @@ class FitConfig:
     # Distillation in the sampled path: the teacher's `distill_top` best items per example are
     # scored, the rest of the catalogue is one bucket (training.distill.TeacherTop).
     distill_top: int = 100
+    # Early stopping ranks every item for each validation user: about 0.1 s per user at a
+    # million items (benchmarks/README.md), hours for a market of 500K users. A market then
+    # validates on a fixed random subset of `valid_scores // n_items` of its validation users
+    # (2,000 at 1M items; XMarket's 8.3K items allow 240K, more than any market has).
+    valid_scores: int = 2_000_000_000
 
     def __post_init__(self) -> None:
         if self.softmax not in SOFTMAXES:
             raise ValueError(f"softmax must be one of {SOFTMAXES}, not {self.softmax!r}")
         if self.negatives < 1 or self.distill_top < 1 or self.sampled_above < 0:
             raise ValueError("negatives and distill_top must be >= 1, sampled_above >= 0")
+        if self.valid_scores < 1:
+            raise ValueError(f"valid_scores must be >= 1, not {self.valid_scores}")
         if self.negatives_power < 0:
             raise ValueError(f"negatives_power must be >= 0, not {self.negatives_power}")
         if self.softmax == "sampled" and self.label_smoothing:
@@ -95,6 +102,10 @@ class FitConfig:
         """Whether this fit keeps the item table as it is, over a catalogue of `n_items`."""
         above = self.freeze_items_above
         return self.freeze_items or (above is not None and n_items > above)
+
+    def valid_users_for(self, n_items: int) -> int:
+        """The most validation users a market validates on over a catalogue of `n_items`."""
+        return max(1, self.valid_scores // max(n_items, 1))
 
     def softmax_for(self, n_items: int) -> str:
         """The softmax used over a catalogue of `n_items` items: "full" or "sampled"."""

@@ -8,7 +8,7 @@ small internal hold-out for early stopping. Sampled negatives are drawn once fro
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -68,6 +68,18 @@ class MarketSplit:
 
     def negatives(self, stage: str) -> np.ndarray | None:
         return self.valid_negatives if stage == "valid" else self.test_negatives
+
+    def evaluating(self, limit: int) -> MarketSplit:
+        """This split with at most `limit` of its evaluated users: a random subset fixed by the
+        split's seed and market, in their original order (itself when it has no more)."""
+        if len(self.eval_users) <= limit:
+            return self
+        keep = np.sort(market_rng(self.seed, self.market, "eval-subset").choice(
+            len(self.eval_users), size=limit, replace=False))
+        return replace(
+            self, eval_users=self.eval_users[keep], valid=self.valid[keep], test=self.test[keep],
+            valid_negatives=None if self.valid_negatives is None else self.valid_negatives[keep],
+            test_negatives=None if self.test_negatives is None else self.test_negatives[keep])
 
     def save_negatives(self, path: Path) -> None:
         if self.valid_negatives is None or self.test_negatives is None:

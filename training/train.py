@@ -304,14 +304,21 @@ def _fit(model: Bert4XMR, splits: list[tuple[MarketSplit, int]], config: FitConf
             step(epoch)
         model.eval()
         return FitResult(None, epochs, epochs, time.perf_counter() - started)
-    best = validate(model, splits, device)["mean"] if config.validate_start else -1.0
+    limit = config.valid_users_for(model.config.n_rows - 1)
+    checked = [(split.evaluating(limit), row) for split, row in splits]
+    for (split, _), (subset, _) in zip(splits, checked, strict=True):
+        if subset is not split:
+            logger.info("fit=%s market=%s validates on %d of its %d validation users "
+                        "(valid_scores)", name, split.market, len(subset.eval_users),
+                        len(split.eval_users))
+    best = validate(model, checked, device)["mean"] if config.validate_start else -1.0
     best_state = copy.deepcopy(model.state_dict())
     best_epoch, stale, epochs_run = 0, 0, 0
     history: list[dict[str, float]] = []
     for epoch in range(1, config.max_epochs + 1):
         total, n = step(epoch)
         epochs_run = epoch
-        scores = validate(model, splits, device)
+        scores = validate(model, checked, device)
         history.append({"epoch": epoch, "loss": total / max(n, 1), **scores})
         logger.info(
             "fit=%s epoch=%d loss=%.4f valid_ndcg@10=%.4f",
