@@ -79,11 +79,12 @@ class FitConfig:
     # Distillation in the sampled path: the teacher's `distill_top` best items per example are
     # scored, the rest of the catalogue is one bucket (training.distill.TeacherTop).
     distill_top: int = 100
-    # Early stopping ranks every item for each validation user: about 0.1 s per user at a
+    # Early stopping ranks every item for each validation user: 0.12-0.17 s per user at a
     # million items (benchmarks/README.md), hours for a market of 500K users. A market then
     # validates on a fixed random subset of `valid_scores // n_items` of its validation users
-    # (2,000 at 1M items; XMarket's 8.3K items allow 240K, more than any market has).
-    valid_scores: int = 2_000_000_000
+    # (500 at 1M items, about a minute; XMarket's 8.3K items allow 60K, more than any market
+    # has, so its results do not change).
+    valid_scores: int = 500_000_000
 
     def __post_init__(self) -> None:
         if self.softmax not in SOFTMAXES:
