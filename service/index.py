@@ -77,9 +77,9 @@ def build_index(market_dir: Path, options: IndexOptions | None = None,
                 tables: Tables | None = None) -> IndexManifest:
     """Write `index-<version>.faiss` and `encoder-<sha>.onnx`, then atomically replace
     `index.json`; the files of earlier builds go. An approximate index below the recall floor
-    raises `IndexRecallError` before anything is written: the current index keeps serving
-    (`auto` tries HNSW where IVF falls short, and raises if HNSW does too). `tables`: the item
-    tables read so far, shared by a loop over markets."""
+    raises `IndexRecallError` before anything is written: the current index keeps serving.
+    `auto` tries HNSW where IVF falls short, and builds the exact index (with a warning) where
+    HNSW does too. `tables`: the item tables read so far, shared by a loop over markets."""
     from service.export import export_onnx
 
     options = options or IndexOptions()
@@ -93,8 +93,16 @@ def build_index(market_dir: Path, options: IndexOptions | None = None,
         if options.kind != "auto":
             raise
         logger.warning("auto: %s; building hnsw instead", e.message)
-        index, kind, params, tuned = _build_faiss(checkpoint, rows, vectors,
-                                                  replace(options, kind="hnsw"))
+        try:
+            index, kind, params, tuned = _build_faiss(checkpoint, rows, vectors,
+                                                      replace(options, kind="hnsw"))
+        except IndexRecallError as again:
+            # Exact search meets any floor: slower, never wrong. `auto` ends there rather than
+            # failing a whole `xmr train` (which publishes nothing when one index fails).
+            logger.warning("auto: %s; building the exact index instead: every search scans "
+                           "all %d items", again.message, len(rows))
+            index, kind, params, tuned = _build_faiss(checkpoint, rows, vectors,
+                                                      replace(options, kind="flat"))
     seconds = time.perf_counter() - started
     faiss = _faiss()
     index_file, sha = write_addressed(market_dir, "index", ".faiss",

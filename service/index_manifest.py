@@ -45,7 +45,7 @@ class IndexOptions:
 
     kind: str = "auto"  # auto, flat, ivf or hnsw
     exact_max_items: int = EXACT_MAX_ITEMS  # auto: flat up to this many items, ivf_sq8 above
-    # (and hnsw where ivf cannot reach the floor: see service.index.build_index)
+    # (hnsw where ivf cannot reach the floor, flat where neither can: service.index.build_index)
     min_recall: float = 0.95  # recall@10 against exact search that an approximate index needs
     recall_queries: int = 1000  # query vectors sampled for tuning (half) and checking (half)
     seed: int = 0

@@ -5,6 +5,8 @@ and reported by the service."""
 from __future__ import annotations
 
 import json
+import logging
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -97,9 +99,21 @@ def test_auto_builds_hnsw_where_ivf_falls_short_of_the_floor(artifacts_copy: Pat
                                                     recall_queries=100))
     assert manifest.kind == "hnsw_ip" and manifest.recall_at_10 is not None
     assert manifest.recall_at_10 >= 0.95
-    with pytest.raises(IndexRecallError, match="hnsw_ip recall@10"):
-        build_index(market_dir, IndexOptions(exact_max_items=10, nlist=16, nprobe=1,
-                                             ef_search=1, hnsw_m=2, recall_queries=100))
+
+
+def test_auto_builds_the_exact_index_where_no_approximate_one_reaches_the_floor(
+        artifacts_copy: Path, caplog: pytest.LogCaptureFixture) -> None:
+    market_dir = artifacts_copy / "markets" / "aa"
+    hopeless = IndexOptions(exact_max_items=10, nlist=16, nprobe=1, ef_search=1, hnsw_m=2,
+                            recall_queries=100)
+    with pytest.raises(IndexRecallError, match="hnsw_ip recall@10"):  # asked for by name
+        build_index(market_dir, replace(hopeless, kind="hnsw"))
+    with caplog.at_level(logging.WARNING, logger="service.index"):
+        manifest = build_index(market_dir, hopeless)
+    assert manifest.kind == "flat_ip" and manifest.recall_at_10 is None
+    assert "building the exact index instead" in caplog.text
+    checkpoint = load_checkpoint(market_dir)
+    assert load_index(market_dir, checkpoint, "faiss", "cpu").exact
 
 
 def test_index_below_the_recall_floor_is_refused_and_the_old_one_keeps_serving(
