@@ -75,11 +75,9 @@ def market_vectors(checkpoint: Checkpoint | CheckpointInfo) -> tuple[np.ndarray,
 
 def build_index(market_dir: Path, options: IndexOptions | None = None,
                 tables: Tables | None = None) -> IndexManifest:
-    """Write `index-<version>.faiss` and `encoder-<sha>.onnx`, then atomically replace
-    `index.json`; the files of earlier builds go. An approximate index below the recall floor
-    raises `IndexRecallError` before anything is written: the current index keeps serving.
-    `auto` tries HNSW where IVF falls short, and builds the exact index (with a warning) where
-    HNSW does too. `tables`: the item tables read so far, shared by a loop over markets."""
+    """Write `index-<version>.faiss` and `encoder-<sha>.onnx`, then replace `index.json`
+    atomically. Below the recall floor: `IndexRecallError`, nothing written (`auto` falls back,
+    `IndexOptions.fallbacks`). `tables`: item tables already read, shared across markets."""
     from service.export import export_onnx
 
     options = options or IndexOptions()
@@ -87,22 +85,16 @@ def build_index(market_dir: Path, options: IndexOptions | None = None,
     manifest = checkpoint.manifest
     rows, vectors = market_vectors(checkpoint)
     started = time.perf_counter()
-    try:
-        index, kind, params, tuned = _build_faiss(checkpoint, rows, vectors, options)
-    except IndexRecallError as e:
-        if options.kind != "auto":
-            raise
-        logger.warning("auto: %s; building hnsw instead", e.message)
+    fallbacks = options.fallbacks()
+    while True:
         try:
-            index, kind, params, tuned = _build_faiss(checkpoint, rows, vectors,
-                                                      replace(options, kind="hnsw"))
-        except IndexRecallError as again:
-            # Exact search meets any floor: slower, never wrong. `auto` ends there rather than
-            # failing a whole `xmr train` (which publishes nothing when one index fails).
-            logger.warning("auto: %s; building the exact index instead: every search scans "
-                           "all %d items", again.message, len(rows))
-            index, kind, params, tuned = _build_faiss(checkpoint, rows, vectors,
-                                                      replace(options, kind="flat"))
+            index, kind, params, tuned = _build_faiss(checkpoint, rows, vectors, options)
+            break
+        except IndexRecallError as e:
+            if not fallbacks:
+                raise
+            options = replace(options, kind=fallbacks.pop(0))
+            logger.warning("auto: %s; building %s instead", e.message, options.kind)
     seconds = time.perf_counter() - started
     faiss = _faiss()
     index_file, sha = write_addressed(market_dir, "index", ".faiss",
@@ -173,9 +165,8 @@ def _build_faiss(checkpoint: Checkpoint, rows: np.ndarray, vectors: np.ndarray,
     faiss.omp_set_num_threads(1)  # the latency recorded is one query on one thread
     searcher = FaissSearch(index, refine=refine, exact=RowVectors.of_array(rows, vectors))
     try:
-        tuned = recall.tune(lambda batch, k: searcher.search(batch, k)[1], set_value,
-                            values, queries, rows, vectors,
-                            min(1.0, options.min_recall + TUNE_MARGIN))
+        tuned = recall.tune(lambda batch, k: searcher.search(batch, k)[1], set_value, values,
+                            queries, rows, vectors, min(1.0, options.min_recall + TUNE_MARGIN))
     finally:
         faiss.omp_set_num_threads(threads)
     params[name] = tuned.value

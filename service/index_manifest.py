@@ -66,6 +66,12 @@ class IndexOptions:
         if self.refine < 1:
             raise ValueError(f"refine {self.refine} must be at least 1")
 
+    def fallbacks(self) -> list[str]:
+        """The kinds `auto` builds, in turn, where the one before stays below the floor: hnsw,
+        then the exact index, slower but never wrong (a market's failed index would fail a
+        whole `xmr train`, which publishes all markets or none). Kinds asked for: none."""
+        return ["hnsw", "flat"] if self.kind == "auto" else []
+
     def resolve(self, n_items: int) -> IndexKind:
         """The kind to build for a market of `n_items` items."""
         if self.kind == "auto":
