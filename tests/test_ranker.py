@@ -276,3 +276,22 @@ def test_bind_refuses_a_table_naming_items_the_index_lacks() -> None:
                         np.where(items.position < 3, items.position, -1))
     with pytest.raises(ValueError, match="does not hold"):
         bind(ranker, fewer, max_len=10)
+
+
+def test_slate_rows_put_the_target_first_beside_distinct_sold_rows_outside_the_session() -> None:
+    from training.served import slate_rows
+
+    sold = np.arange(10, 1010, dtype=np.int64)
+    session = [10, 11, 12, 500]
+    rng = np.random.default_rng(0)
+    draws = [slate_rows(rng, sold, session, 13, 99) for _ in range(50)]
+    for rows in draws:
+        assert rows[0] == 13 and len(rows) == 100 and len(set(rows.tolist())) == 100
+        assert not set(rows[1:].tolist()) & {10, 11, 12, 500, 13}
+        assert np.isin(rows, sold).all()
+    # uniform over the other rows: every one of the 995 turns up across 50 draws of 99
+    seen = set(np.concatenate([rows[1:] for rows in draws]).tolist())
+    assert len(seen) > 900
+    # a market with fewer items than asked gives all it has, once each
+    small = slate_rows(rng, np.arange(1, 8, dtype=np.int64), [1, 2], 3, 99)
+    assert small[0] == 3 and sorted(small[1:].tolist()) == [4, 5, 6, 7]
