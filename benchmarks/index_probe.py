@@ -17,15 +17,12 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-from scale import proxy_market, search_latency
+from scale import loaded_index_quality, proxy_market
 
 from service.errors import IndexRecallError
-from service.index import build_index, load_index, set_search_threads
+from service.index import build_index, set_search_threads
 from service.index_manifest import IndexOptions
-from service.recall import exact_kth_scores, recall_at_k, sample_queries
-from training.checkpoint import load_checkpoint
 
 
 def main() -> None:
@@ -45,18 +42,10 @@ def main() -> None:
             print(json.dumps({"options": fields, "refused": e.message}), flush=True)
             continue
         build_s = time.perf_counter() - started
-        checkpoint = load_checkpoint(market_dir)
-        index = load_index(market_dir, checkpoint, "faiss", "cpu")
-        queries = sample_queries(checkpoint, index.rows, 1000, seed=1).check
-        found = index.search.search(torch.from_numpy(queries), 10)[1]
-        vectors = np.asarray(index.vectors)
-        kth = exact_kth_scores(index.rows, vectors, queries)
         print(json.dumps({
             "options": fields, "kind": manifest.kind, "params": manifest.params,
             "build_s": round(build_s, 1), "recall_at_10_build": manifest.recall_at_10,
-            "recall_at_10": round(recall_at_k(found, queries, index.rows, vectors, kth), 4),
-            **search_latency(index.search, queries, 10),
-            **search_latency(index.search, queries, 100),
+            **loaded_index_quality(market_dir, [10, 100]),
         }), flush=True)
 
 

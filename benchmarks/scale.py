@@ -293,6 +293,21 @@ def build_or_cap(market_dir: Path, kind: str) -> tuple[Any, str | None]:
         return build_index(market_dir, cap), e.message
 
 
+def loaded_index_quality(market_dir: Path, ks: list[int]) -> dict[str, float]:
+    """The market's index as the server loads it: recall@10 against exact search on 500 fresh
+    query vectors (another seed than the build's), and one-query search p50/p99 at each k."""
+    checkpoint = load_checkpoint(market_dir)
+    index = load_index(market_dir, checkpoint, "faiss", "cpu")
+    queries = sample_queries(checkpoint, index.rows, 1000, seed=1).check  # (500, D), fresh
+    found = index.search.search(torch.from_numpy(queries), 10)[1]
+    vectors = np.asarray(index.vectors)  # (N, D), exact
+    kth = exact_kth_scores(index.rows, vectors, queries)
+    out = {"recall_at_10": round(recall_at_k(found, queries, index.rows, vectors, kth), 4)}
+    for k in ks:
+        out.update(search_latency(index.search, queries, k))
+    return out
+
+
 def measure_kinds(label: str, market_dir: Path, requests: list[Request], kinds: list[str],
                   workdir: Path, redis_url: str, serve_seconds: float) -> list[dict[str, Any]]:
     """Per kind: build, recall and search latency of the loaded index, then serving."""
@@ -302,25 +317,16 @@ def measure_kinds(label: str, market_dir: Path, requests: list[Request], kinds: 
         started = time.perf_counter()
         manifest, refused = build_or_cap(market_dir, kind)
         build_s = time.perf_counter() - started
-        checkpoint = load_checkpoint(market_dir)
-        index = load_index(market_dir, checkpoint, "faiss", "cpu")
-        queries = sample_queries(checkpoint, index.rows, 1000, seed=1).check  # (500, D), fresh
-        found = index.search.search(torch.from_numpy(queries), 10)[1]
-        vectors = np.asarray(index.vectors)  # (N, D), exact
-        kth = exact_kth_scores(index.rows, vectors, queries)
         result: dict[str, Any] = {
             "vectors": label, "items": manifest.n_items, "kind": manifest.kind,
             "params": manifest.params, "refused_at_floor": refused,
             "build_index_s": manifest.build_seconds, "build_all_s": round(build_s, 2),
             "recall_at_10_build": manifest.recall_at_10,
-            "recall_at_10": round(recall_at_k(found, queries, index.rows, vectors, kth), 4),
-            **search_latency(index.search, queries, 10),
-            **search_latency(index.search, queries, 200),
+            **loaded_index_quality(market_dir, [10, 200]),
             "index_mib": round((market_dir / manifest.index_file).stat().st_size / 2**20, 1),
             "encoder_mib": round((market_dir / manifest.encoder_file).stat().st_size / 2**20, 1),
             "weights_mib": round((market_dir / "weights.safetensors").stat().st_size / 2**20, 1),
         }
-        del index, checkpoint
         env = {"XMR_THREADS": "1", "XMR_MARKETS": market_dir.name}
         with xmr_server(artifacts, redis_url, env,
                         workdir / f"serve-{label}-{manifest.n_items}-{kind}.log") as server:
