@@ -2,7 +2,8 @@
 measured side by side in one run (benchmarks/README.md has the results and the command).
 
     python benchmarks/scale.py --out FILE.json [--sizes 8000,100000,1000000] [--markets 7,50]
-                               [--kinds flat,ivf,ivf-sq8,hnsw] [--serve-seconds 10] [--workers 1,2]
+                               [--kinds flat,ivf,ivf-sq8,ivf-pq4,hnsw] [--serve-seconds 10]
+                               [--workers 1,2]
                                [--layouts full,shared] [--before-src DIR] [--steps ...]
 
 1. generation: `write_scale` (what `xmr synthetic --items N --markets M` runs) and the loader
@@ -285,10 +286,10 @@ def build_or_cap(market_dir: Path, kind: str) -> tuple[Any, str | None]:
     try:
         return build_index(market_dir, IndexOptions(kind=kind)), None
     except IndexRecallError as e:
-        n_items = load_checkpoint(market_dir).market_items or {}
+        n_items = len(load_checkpoint(market_dir).market_items or {})
+        nlist = default_nlist(n_items, IndexOptions(kind=kind).resolve(n_items))
         cap = IndexOptions(kind=kind, min_recall=0.01,
-                           nprobe=max(v for v in IVF_NPROBES
-                                      if v <= max(1, default_nlist(len(n_items)) // 4)),
+                           nprobe=max(v for v in IVF_NPROBES if v <= max(1, nlist // 4)),
                            ef_search=max(HNSW_EF_SEARCHES))
         return build_index(market_dir, cap), e.message
 
@@ -403,7 +404,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, help="Results as JSON.")
     parser.add_argument("--sizes", default="8000,100000,1000000", help="Catalogue sizes.")
     parser.add_argument("--markets", default="7,50", help="Market counts of the generation step.")
-    parser.add_argument("--kinds", default="flat,ivf,ivf-sq8,hnsw", help="Index kinds.")
+    parser.add_argument("--kinds", default="flat,ivf,ivf-sq8,ivf-pq4,hnsw", help="Index kinds.")
     parser.add_argument("--serve-seconds", type=float, default=10.0,
                         help="Recommend seconds per index (after 2 s of warm-up).")
     parser.add_argument("--workers", default="1,2", help="Worker counts ('' to skip).")

@@ -87,9 +87,10 @@ def index_build_command(
     market: Annotated[list[str] | None, typer.Option(
         "--market", help="Market to build (repeatable; default: every market).")] = None,
     index: Annotated[str, typer.Option(
-        "--index", help="auto (exact flat up to --exact-max-items items, ivf-sq8 above, hnsw "
+        "--index", help="auto (exact flat up to --exact-max-items items, ivf-pq4 above, hnsw "
         "where that falls short of the floor), flat (exact), ivf, ivf-sq8 (8-bit codes, exact "
-        "re-rank) or hnsw (approximate, tuned to --min-recall).")] = "auto",
+        "re-rank), ivf-pq4 (4-bit fast-scan codes, exact re-rank) or hnsw (approximate, tuned "
+        "to --min-recall).")] = "auto",
     min_recall: Annotated[float, typer.Option(
         "--min-recall", help="Recall@10 against exact search an approximate index must reach; "
         "below it the index is refused and the current one keeps serving.")] = 0.95,
@@ -100,10 +101,14 @@ def index_build_command(
         "--nprobe", help="ivf: lists searched (default: the smallest reaching the floor).")
     ] = None,
     nlist: Annotated[int | None, typer.Option(
-        "--nlist", help="ivf: lists (default: about sqrt(items)).")] = None,
+        "--nlist", help="ivf: lists (default: about sqrt(items), twice that for ivf-pq4).")
+    ] = None,
     ef_search: Annotated[int | None, typer.Option(
         "--ef-search", help="hnsw: efSearch (default: the smallest reaching the floor).")
     ] = None,
+    refine: Annotated[int | None, typer.Option(
+        "--refine", help="ivf-sq8, ivf-pq4: hits re-ranked by their exact vectors per result "
+        "wanted (default 4 and 24).")] = None,
     recall_queries: Annotated[int, typer.Option(
         "--recall-queries", help="Query vectors sampled to tune and check recall.")] = 1000,
     threads: Annotated[int, typer.Option(
@@ -114,7 +119,7 @@ def index_build_command(
     import torch
 
     from service.bundle import discover_markets
-    from service.errors import IndexRecallError, ServiceError
+    from service.errors import IndexBuildError, ServiceError
     from service.index import build_index, set_search_threads
     from service.index_manifest import IndexOptions
     from training.checkpoint import CheckpointError, Tables
@@ -122,7 +127,7 @@ def index_build_command(
     try:
         options = IndexOptions(kind=index, min_recall=min_recall, exact_max_items=exact_max_items,
                                recall_queries=recall_queries, nlist=nlist, nprobe=nprobe,
-                               ef_search=ef_search)
+                               ef_search=ef_search, refine=refine)
     except ValueError as e:
         raise _fail(str(e)) from e
     torch.set_num_threads(threads)
@@ -136,7 +141,7 @@ def index_build_command(
         for name in markets:
             try:
                 manifest = build_index(artifacts / "markets" / name, options, tables)
-            except IndexRecallError as e:
+            except IndexBuildError as e:
                 typer.echo(f"{name}: refused: {e.message}", err=True)
                 refused.append(name)
                 continue
@@ -150,8 +155,8 @@ def index_build_command(
     except (ServiceError, CheckpointError) as e:
         raise _fail(getattr(e, "message", str(e))) from e
     if refused:
-        raise _fail(f"recall below {min_recall} for {', '.join(refused)}: their indexes were "
-                    "not replaced")
+        raise _fail(f"refused for {', '.join(refused)} (above): their indexes were not "
+                    "replaced")
 
 
 @app.command("import")

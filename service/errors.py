@@ -52,7 +52,14 @@ class IndexMismatchError(IndexLoadError):
     code = "index_mismatch"
 
 
-class IndexRecallError(ServiceError):
+class IndexBuildError(ServiceError):
+    """An index that cannot be built as asked for this market; nothing is written, and the
+    market's current index keeps serving."""
+
+    code = "index_build"
+
+
+class IndexRecallError(IndexBuildError):
     """An approximate index whose recall@10 against exact search is below the floor at build
     time; it is not written, and the market's current index keeps serving."""
 

@@ -6,8 +6,9 @@ that ties both to the checkpoint's weights, loaded and checked. The only module 
 All kinds (`service.index_manifest`) are inner product over the unnormalised vectors in an
 `IndexIDMap` (ids = item rows). An approximate one is tuned at build time to a recall floor
 against exact search (`service.recall`); one that cannot reach it is refused, nothing written.
-`ivf_sq8` keeps 8-bit codes and re-ranks `refine` x k hits by their exact vectors, computed from
-the item table all markets share (`service.search.rerank`).
+`ivf_sq8` (8-bit codes) and `ivf_pq4` (4-bit codes, one per dimension, scanned by FAISS's fast
+scan) re-rank `refine` x k hits by their exact vectors, computed from the item table all markets
+share (`service.search.rerank`).
 """
 
 from __future__ import annotations
@@ -23,11 +24,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from service.errors import IndexLoadError, IndexMismatchError, IndexRecallError
+from service.errors import IndexBuildError, IndexLoadError, IndexMismatchError, IndexRecallError
 from service.index_manifest import (
     HNSW_EF_SEARCHES,
     INDEX_MANIFEST,
     IVF_NPROBES,
+    PQ4_CENTROIDS,
     TUNE_MARGIN,
     IndexKind,
     IndexManifest,
@@ -38,13 +40,11 @@ from service.index_manifest import (
     write_addressed,
     write_index_manifest,
 )
-from service.search import MarketIndex, RowVectors, Search, TorchSearch, as_numpy, rerank
+from service.search import FaissSearch, MarketIndex, RowVectors, Search, TorchSearch
 from training.checkpoint import Checkpoint, CheckpointInfo, Tables, load_checkpoint
 from training.item_table import SoldVectors
 
-if TYPE_CHECKING:  # torch only where an index is built or searched with torch
-    import torch
-
+if TYPE_CHECKING:
     from service.recall import Tuned
 
 logger = logging.getLogger(__name__)
@@ -76,7 +76,8 @@ def market_vectors(checkpoint: Checkpoint | CheckpointInfo) -> tuple[np.ndarray,
 def build_index(market_dir: Path, options: IndexOptions | None = None,
                 tables: Tables | None = None) -> IndexManifest:
     """Write `index-<version>.faiss` and `encoder-<sha>.onnx`, then replace `index.json`
-    atomically. Below the recall floor: `IndexRecallError`, nothing written (`auto` falls back,
+    atomically. Below the recall floor: `IndexRecallError` (an `IndexBuildError`, as is a kind
+    the market cannot have), nothing written (`auto` falls back,
     `IndexOptions.fallbacks`). `tables`: item tables already read, shared across markets."""
     from service.export import export_onnx
 
@@ -90,7 +91,7 @@ def build_index(market_dir: Path, options: IndexOptions | None = None,
         try:
             index, kind, params, tuned = _build_faiss(checkpoint, rows, vectors, options)
             break
-        except IndexRecallError as e:
+        except IndexBuildError as e:
             if not fallbacks:
                 raise
             options = replace(options, kind=fallbacks.pop(0))
@@ -137,13 +138,10 @@ def _build_faiss(checkpoint: Checkpoint, rows: np.ndarray, vectors: np.ndarray,
         index = faiss.IndexIDMap(faiss.IndexFlatIP(d))
         index.add_with_ids(vectors, rows)
         return index, kind, {}, None
-    refine = options.refine if kind == "ivf_sq8" else 1
-    if kind in ("ivf_ip", "ivf_sq8"):
-        nlist = options.nlist or default_nlist(n)
-        inner = (faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
-                 if kind == "ivf_ip" else faiss.IndexIVFScalarQuantizer(
-                     faiss.IndexFlatIP(d), d, nlist, faiss.ScalarQuantizer.QT_8bit,
-                     faiss.METRIC_INNER_PRODUCT))
+    refine = options.refine_for(kind)
+    if kind in ("ivf_ip", "ivf_sq8", "ivf_pq4"):
+        nlist = options.nlist or default_nlist(n, kind)
+        inner = _ivf(faiss, kind, d, nlist, n)
         inner.cp.seed = options.seed
         # 64 training points per list: k-means wants 39 or more; FAISS's default, 256, is 4x
         sample = np.random.default_rng(options.seed).choice(n, size=min(n, 64 * nlist),
@@ -181,9 +179,29 @@ def _build_faiss(checkpoint: Checkpoint, rows: np.ndarray, vectors: np.ndarray,
     return index, kind, params, tuned
 
 
+def _ivf(faiss: Any, kind: IndexKind, d: int, nlist: int, n: int) -> Any:
+    """An untrained IVF index of `kind` with `nlist` lists over `n` vectors of width `d`."""
+    metric = faiss.METRIC_INNER_PRODUCT
+    if kind == "ivf_ip":
+        return faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, metric)
+    if kind == "ivf_sq8":
+        return faiss.IndexIVFScalarQuantizer(faiss.IndexFlatIP(d), d, nlist,
+                                             faiss.ScalarQuantizer.QT_8bit, metric)
+    if n < PQ4_CENTROIDS:
+        raise IndexBuildError(f"ivf_pq4 needs at least {PQ4_CENTROIDS} items to train its "
+                              f"codes, the market sells {n}: use --index flat")
+    # one 4-bit code per dimension, of the residual to the vector's list centroid
+    inner = faiss.IndexIVFPQFastScan(faiss.IndexFlatIP(d), d, nlist, d, 4, metric)
+    inner.by_residual = True
+    # 16 centroids on one number each: a few points per centroid do (FAISS warns below 39,
+    # once per dimension, in every small market)
+    inner.pq.cp.min_points_per_centroid = 1
+    return inner
+
+
 def _search_parameter(kind: IndexKind, inner: Any) -> tuple[str, Callable[[int], None]]:
     """An approximate kind's search parameter: its name in index.json, and its setter."""
-    if kind in ("ivf_ip", "ivf_sq8"):
+    if kind in ("ivf_ip", "ivf_sq8", "ivf_pq4"):
         return "nprobe", partial(setattr, inner, "nprobe")
     return "ef_search", partial(setattr, inner.hnsw, "efSearch")
 
@@ -201,32 +219,6 @@ def set_search_threads(threads: int) -> None:
 def gpu_faiss_available() -> bool:
     get_num_gpus = getattr(_faiss(), "get_num_gpus", None)
     return get_num_gpus is not None and get_num_gpus() > 0
-
-
-class FaissSearch:
-    """FAISS inner-product search over an `IndexIDMap`: exact (flat) on the CPU or a GPU,
-    approximate (IVF, HNSW) on the CPU with the manifest's search parameter. With `refine` > 1
-    (8-bit codes) it takes `refine` x k hits and orders them by their exact vectors' scores."""
-
-    def __init__(self, index: Any, gpu: bool = False, refine: int = 1,
-                 exact: RowVectors | None = None) -> None:
-        self.kind = "faiss"
-        if gpu:
-            faiss = _faiss()
-            self._resources = faiss.StandardGpuResources()
-            index = faiss.index_cpu_to_gpu(self._resources, 0, index)
-            self.kind = "faiss-gpu"
-        self.index = index
-        self.refine = refine
-        self.exact = exact
-
-    def search(self, users: np.ndarray | torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
-        queries = as_numpy(users)  # (B, D)
-        if self.refine == 1 or self.exact is None:
-            return self.index.search(queries, k)  # (B, k) each; -1 rows where missing
-        wide = min(k * self.refine, self.index.ntotal)
-        _, rows = self.index.search(queries, wide)  # (B, k') approximate order
-        return rerank(queries, rows, self.exact, k)
 
 
 def load_index(market_dir: Path, checkpoint: CheckpointInfo | Checkpoint, search: str,
@@ -268,7 +260,9 @@ def load_index(market_dir: Path, checkpoint: CheckpointInfo | Checkpoint, search
         backend = FaissSearch(index, refine=manifest.params.get("refine", 1),
                               exact=RowVectors(checkpoint.items.vectors))
     elif manifest.kind == "flat_ip" and gpu_faiss_available():
-        backend = FaissSearch(index, gpu=True)
+        resources = faiss.StandardGpuResources()  # the GPU index borrows it: kept beside it
+        backend = FaissSearch(faiss.index_cpu_to_gpu(resources, 0, index), kind="faiss-gpu",
+                              owner=resources)
     else:  # a GPU without FAISS GPU, or an approximate kind: exact top-K in torch on the GPU
         backend = TorchSearch(rows, np.asarray(served), device)
     return MarketIndex.of(manifest, rows, served, checkpoint.vocab.n_rows, backend,
@@ -277,7 +271,7 @@ def load_index(market_dir: Path, checkpoint: CheckpointInfo | Checkpoint, search
 
 # The FAISS class inside the IndexIDMap of each kind.
 _INNER = {"flat_ip": "IndexFlatIP", "ivf_ip": "IndexIVFFlat", "hnsw_ip": "IndexHNSWFlat",
-          "ivf_sq8": "IndexIVFScalarQuantizer"}
+          "ivf_sq8": "IndexIVFScalarQuantizer", "ivf_pq4": "IndexIVFPQFastScan"}
 
 
 def _checked_kind(faiss: Any, index: Any, manifest: IndexManifest, path: Path) -> Any:

@@ -23,16 +23,25 @@ INDEX_MANIFEST = "index.json"
 # embedding rows as an input (the shared item table), where 2 and 3 held the table: refused
 SCHEMA_VERSION = 4
 READABLE_VERSIONS = (4,)
-IndexKind = Literal["flat_ip", "ivf_ip", "hnsw_ip", "ivf_sq8"]
-INDEX_CHOICES = ("auto", "flat", "ivf", "hnsw", "ivf-sq8")
+IndexKind = Literal["flat_ip", "ivf_ip", "hnsw_ip", "ivf_sq8", "ivf_pq4"]
+INDEX_CHOICES = ("auto", "flat", "ivf", "hnsw", "ivf-sq8", "ivf-pq4")
 # `auto` builds the exact index up to this many items: one query over 100K items x 64 took
 # about 1 ms on one core here, over 1M items 15 ms (benchmarks/README.md, scale benchmark).
-# Above it, `ivf_sq8`: a quarter of ivf_ip's memory, the same recall after its exact re-rank.
+# Above it, `ivf_pq4`: 4-bit codes scanned by FAISS's fast scan, then an exact re-rank. At 1M
+# items x 128 it reached recall@10 0.95 at about 1.5 ms where `ivf_sq8` needed 3.9-5.6 ms
+# (benchmarks/README.md, "4-bit fast-scan codes at 1M"), with half of ivf_sq8's code bytes.
 EXACT_MAX_ITEMS = 100_000
-REFINE = 4  # ivf_sq8: hits re-ranked exactly per result wanted
+# Hits re-ranked exactly per result wanted: 8-bit codes order the hits almost as the exact
+# vectors do; 4-bit codes much less so (1M items, 2048 lists, nprobe 384: recall@10 0.960,
+# 0.966 and 0.968 re-ranking 16, 24 and 32 x k; 16 made the tuning take nprobe 512, search p50
+# 3.2 ms against 1.7 ms at 24; benchmarks/README.md, "4-bit fast-scan codes at 1M").
+REFINE = {"ivf_sq8": 4, "ivf_pq4": 24}
+PQ4_CENTROIDS = 16  # ivf_pq4: a 4-bit code's values, k-means centroids per dimension
 # Tried in order, steps of about 1.5x: at 1M items nprobe 64 gave recall@10 0.951 in 1.1 ms,
-# 96 gave 0.974 in 1.4 ms and 128 0.986 in 2.2 ms (benchmarks/README.md, scale benchmark).
-IVF_NPROBES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)  # <= nlist / 4
+# 96 gave 0.974 in 1.4 ms and 128 0.986 in 2.2 ms (benchmarks/README.md, scale benchmark;
+# width 64). 320: `ivf_pq4`'s 2048 lists at 1M items x 128 reach the floor there.
+IVF_NPROBES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 320, 384,
+               512)  # <= nlist / 4
 # Tuning aims this far above the floor on one half of the queries, so that the other half,
 # which decides, does not miss the floor by the sampling noise of 500 queries (~0.01).
 TUNE_MARGIN = 0.01
@@ -43,18 +52,18 @@ HNSW_EF_SEARCHES = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
 class IndexOptions:
     """How `build_index` builds: the kind, the recall floor and the parameters it may tune."""
 
-    kind: str = "auto"  # auto, flat, ivf or hnsw
-    exact_max_items: int = EXACT_MAX_ITEMS  # auto: flat up to this many items, ivf_sq8 above
+    kind: str = "auto"  # one of INDEX_CHOICES
+    exact_max_items: int = EXACT_MAX_ITEMS  # auto: flat up to this many items, ivf_pq4 above
     # (hnsw where ivf cannot reach the floor, flat where neither can: service.index.build_index)
     min_recall: float = 0.95  # recall@10 against exact search that an approximate index needs
     recall_queries: int = 1000  # query vectors sampled for tuning (half) and checking (half)
     seed: int = 0
-    nlist: int | None = None  # IVF lists; default about sqrt(N), a power of two
+    nlist: int | None = None  # IVF lists; default `default_nlist`
     nprobe: int | None = None  # IVF lists searched; default the smallest meeting the floor
     hnsw_m: int = 32  # HNSW links per node
     ef_construction: int = 40
     ef_search: int | None = None  # HNSW; default the smallest meeting the floor
-    refine: int = REFINE  # ivf_sq8: hits re-ranked by their exact vectors, per result wanted
+    refine: int | None = None  # ivf_sq8, ivf_pq4: hits re-ranked exactly per result wanted
 
     def __post_init__(self) -> None:
         if self.kind not in INDEX_CHOICES:
@@ -63,7 +72,7 @@ class IndexOptions:
             raise ValueError(f"min_recall {self.min_recall} must lie in (0, 1]")
         if self.recall_queries < 2:
             raise ValueError("recall_queries must be at least 2")
-        if self.refine < 1:
+        if self.refine is not None and self.refine < 1:
             raise ValueError(f"refine {self.refine} must be at least 1")
 
     def fallbacks(self) -> list[str]:
@@ -75,12 +84,18 @@ class IndexOptions:
     def resolve(self, n_items: int) -> IndexKind:
         """The kind to build for a market of `n_items` items."""
         if self.kind == "auto":
-            return "flat_ip" if n_items <= self.exact_max_items else "ivf_sq8"
+            return "flat_ip" if n_items <= self.exact_max_items else "ivf_pq4"
         return _KINDS[self.kind]
+
+    def refine_for(self, kind: IndexKind) -> int:
+        """Hits re-ranked by their exact vectors per result wanted (1: none) for `kind`."""
+        if kind not in REFINE:
+            return 1
+        return self.refine or REFINE[kind]
 
 
 _KINDS: dict[str, IndexKind] = {"flat": "flat_ip", "ivf": "ivf_ip", "hnsw": "hnsw_ip",
-                                "ivf-sq8": "ivf_sq8"}
+                                "ivf-sq8": "ivf_sq8", "ivf-pq4": "ivf_pq4"}
 
 
 class _SchemaVersion(BaseModel):
@@ -92,8 +107,8 @@ class IndexManifest(BaseModel):
 
     schema_version: int = SCHEMA_VERSION
     kind: IndexKind = "flat_ip"
-    # ivf_ip: nlist, nprobe; ivf_sq8: nlist, nprobe, refine; hnsw_ip: m, ef_construction,
-    # ef_search
+    # ivf_ip: nlist, nprobe; ivf_sq8 and ivf_pq4: nlist, nprobe, refine; hnsw_ip: m,
+    # ef_construction, ef_search
     params: dict[str, int] = {}
     recall_at_10: float | None = None  # against exact search; None for the exact flat_ip
     recall_queries: int = 0  # query vectors that measured it (the check half)
@@ -112,11 +127,13 @@ class IndexManifest(BaseModel):
     built_at: str
 
 
-def default_nlist(n_items: int) -> int:
+def default_nlist(n_items: int, kind: IndexKind = "ivf_ip") -> int:
     """About sqrt(N) lists, a power of two: 1024 at a million items, where a list holds ~1,000
     vectors and k-means on 64 points per list trains in seconds; at most N/39 lists, the
-    fewest points per list FAISS's k-means accepts without a warning."""
-    nlist = 2 ** round(math.log2(max(1.0, math.sqrt(n_items))))
+    fewest points per list FAISS's k-means accepts without a warning. `ivf_pq4`: twice as
+    many (at 1M items 2048 lists reached the floor in less time than 1024 or 4096)."""
+    lists = math.sqrt(n_items) * (2 if kind == "ivf_pq4" else 1)
+    nlist = 2 ** round(math.log2(max(1.0, lists)))
     return max(1, min(nlist, n_items // 39))
 
 

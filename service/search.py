@@ -1,5 +1,6 @@
 """Searching a market's items: the `Search` protocol, exact inner-product top-K in torch (CPU
-or GPU, the `torch` backend), and `MarketIndex`, a loaded index with its search.
+or GPU, the `torch` backend), search over a loaded FAISS index, and `MarketIndex`, a loaded
+index with its search.
 
 Every backend answers `search(users (B, D), k) -> (scores (B, k), rows (B, k))` with row -1
 and score -inf where fewer than k items exist, so the recommender treats them alike. User vectors
@@ -12,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -53,7 +54,7 @@ class RowVectors:
 def rerank(queries: np.ndarray, rows: np.ndarray, exact: RowVectors | None,
            k: int) -> tuple[np.ndarray, np.ndarray]:
     """The k best of each query's hits `rows` (B, k') by their exact scores, padded like FAISS
-    (-inf, -1): the second step of an index with approximate codes (`ivf_sq8`)."""
+    (-inf, -1): the second step of an index with approximate codes (`ivf_sq8`, `ivf_pq4`)."""
     assert exact is not None
     found = rows >= 0
     vectors = exact.of_rows(rows[found])  # (F, D)
@@ -66,6 +67,30 @@ def rerank(queries: np.ndarray, rows: np.ndarray, exact: RowVectors | None,
         top = np.pad(top, ((0, 0), (0, k - rows.shape[1])), constant_values=-np.inf)
         best = np.pad(best, ((0, 0), (0, k - rows.shape[1])), constant_values=-1)
     return top, best
+
+
+class FaissSearch:
+    """Search over a FAISS `IndexIDMap` (`service.index` builds and loads it): exact (flat) on
+    the CPU or a GPU, approximate (IVF, HNSW) on the CPU with the manifest's search parameter.
+    With `refine` > 1 (`ivf_sq8`, `ivf_pq4`: approximate codes) it takes `refine` x k hits and
+    orders them by their exact vectors' scores. `owner`: what the index borrows (GPU
+    resources), kept alive with it."""
+
+    def __init__(self, index: Any, refine: int = 1, exact: RowVectors | None = None,
+                 kind: str = "faiss", owner: object = None) -> None:
+        self.kind = kind
+        self.index = index
+        self.refine = refine
+        self.exact = exact
+        self._owner = owner
+
+    def search(self, users: np.ndarray | torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
+        queries = as_numpy(users)  # (B, D)
+        if self.refine == 1 or self.exact is None:
+            return self.index.search(queries, k)  # (B, k) each; -1 rows where missing
+        wide = min(k * self.refine, self.index.ntotal)
+        _, rows = self.index.search(queries, wide)  # (B, k') approximate order
+        return rerank(queries, rows, self.exact, k)
 
 
 class TorchSearch:

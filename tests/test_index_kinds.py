@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from service.bundle import load_bundle
 from service.cli import app
-from service.errors import IndexLoadError, IndexRecallError
+from service.errors import IndexBuildError, IndexLoadError, IndexRecallError
 from service.index import build_index, load_index, market_vectors
 from service.index_manifest import INDEX_MANIFEST, IndexOptions, read_index_manifest
 from service.recall import exact_kth_scores, recall_at_k, sample_queries
@@ -57,6 +57,7 @@ def test_sampled_queries_are_the_models_user_vectors(service_artifacts: Path) ->
     ("hnsw", {"m", "ef_construction", "ef_search"}),
     ("ivf", {"nlist", "nprobe"}),
     ("ivf-sq8", {"nlist", "nprobe", "refine"}),
+    ("ivf-pq4", {"nlist", "nprobe", "refine"}),
 ])
 def test_approximate_index_records_kind_parameters_and_recall(
         artifacts_copy: Path, kind: str, params: set[str]) -> None:
@@ -64,7 +65,7 @@ def test_approximate_index_records_kind_parameters_and_recall(
     # 2 IVF lists searched both: tiny markets need every list for the floor
     options = IndexOptions(kind=kind, nlist=2, nprobe=2, recall_queries=200)
     manifest = build_index(market_dir, options)
-    assert manifest.kind == {"ivf-sq8": "ivf_sq8"}.get(kind, f"{kind}_ip")
+    assert manifest.kind == {"ivf-sq8": "ivf_sq8", "ivf-pq4": "ivf_pq4"}.get(kind, f"{kind}_ip")
     assert set(manifest.params) == params
     assert manifest.recall_at_10 is not None and manifest.recall_at_10 >= 0.95
     assert manifest.recall_queries == 100 and manifest.search_p50_ms is not None
@@ -81,15 +82,25 @@ def test_approximate_index_records_kind_parameters_and_recall(
     np.testing.assert_array_equal(np.sort(index.rows), np.sort(rows))
 
 
-def test_auto_is_exact_up_to_its_size_and_ivf_sq8_above(artifacts_copy: Path) -> None:
+def test_auto_is_exact_up_to_its_size_and_ivf_pq4_above(artifacts_copy: Path) -> None:
     market_dir = artifacts_copy / "markets" / "bb"
     n_items = read_index_manifest(market_dir).n_items
     exact = build_index(market_dir, IndexOptions(exact_max_items=n_items))
     assert exact.kind == "flat_ip" and exact.params == {} and exact.recall_at_10 is None
     above = build_index(market_dir, IndexOptions(exact_max_items=n_items - 1, nlist=2, nprobe=2,
                                                  recall_queries=100))
-    assert above.kind == "ivf_sq8" and above.params == {"nlist": 2, "nprobe": 2, "refine": 4}
+    assert above.kind == "ivf_pq4" and above.params == {"nlist": 2, "nprobe": 2, "refine": 24}
     assert build_index(market_dir).kind == "flat_ip"  # the default keeps small markets exact
+
+
+def test_ivf_pq4_refuses_a_market_too_small_to_train_its_codes() -> None:
+    import faiss
+
+    from service.index import _ivf
+
+    with pytest.raises(IndexBuildError, match="ivf_pq4 needs at least 16 items .* sells 10"):
+        _ivf(faiss, "ivf_pq4", 8, 1, 10)
+    assert _ivf(faiss, "ivf_pq4", 8, 1, 16).by_residual
 
 
 def test_auto_builds_hnsw_where_ivf_falls_short_of_the_floor(artifacts_copy: Path) -> None:
@@ -150,7 +161,7 @@ def test_index_build_command_prints_recall_and_refuses_below_the_floor(
     assert (artifacts_copy / "markets" / "aa" / INDEX_MANIFEST).read_bytes() == before
     bad = runner.invoke(app, ["index", "build", "--artifacts", str(artifacts_copy),
                               "--index", "annoy"])
-    assert bad.exit_code == 1 and "one of auto, flat, ivf, hnsw, ivf-sq8" in bad.output
+    assert bad.exit_code == 1 and "one of auto, flat, ivf, hnsw, ivf-sq8, ivf-pq4" in bad.output
 
 
 def test_index_whose_file_is_not_its_manifests_kind_is_refused(artifacts_copy: Path) -> None:
