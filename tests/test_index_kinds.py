@@ -159,6 +159,12 @@ def test_index_build_command_prints_recall_and_refuses_below_the_floor(
     assert refused.exit_code == 1
     assert "aa: refused:" in refused.output and "not replaced" in refused.output
     assert (artifacts_copy / "markets" / "aa" / INDEX_MANIFEST).read_bytes() == before
+    fixed = runner.invoke(app, ["index", "build", "--artifacts", str(artifacts_copy),
+                                "--market", "bb", "--index", "ivf-pq4", "--nlist", "2",
+                                "--nprobe", "2", "--refine", "8", "--recall-queries", "100"])
+    assert fixed.exit_code == 0, fixed.output
+    assert "kind=ivf_pq4 nlist=2 refine=8 nprobe=2" in fixed.output
+    assert read_index_manifest(artifacts_copy / "markets" / "bb").params["refine"] == 8
     bad = runner.invoke(app, ["index", "build", "--artifacts", str(artifacts_copy),
                               "--index", "annoy"])
     assert bad.exit_code == 1 and "one of auto, flat, ivf, hnsw, ivf-sq8, ivf-pq4" in bad.output
