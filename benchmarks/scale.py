@@ -465,6 +465,9 @@ def main() -> None:
             market_dir = args.workdir / f"trained-{source.name}" / "markets" / source.name
             shutil.rmtree(market_dir.parent.parent, ignore_errors=True)
             shutil.copytree(source, market_dir)
+            if (source.parent.parent / "global").is_dir():  # the parent holding its item table
+                shutil.copytree(source.parent.parent / "global",
+                                market_dir.parent.parent / "global")
             report["indexes"].extend(measure_kinds(
                 f"trained:{source.name}", market_dir, popular_requests(market_dir), kinds,
                 args.workdir, redis_url, args.serve_seconds))
