@@ -67,10 +67,9 @@ def main() -> None:
         model.index.search.search(user, min(query.k + len(found.excluded), model.n_items))
         t = timed("search_model", t)
         if ranker is not None:
-            pool, keys, sums = session_candidates(ranker, found.rows, hits[0], None,
-                                                  found.excluded)
+            pool, terms = session_candidates(ranker, found.rows, hits[0], None, found.excluded)
             t = timed("candidates", t)
-            table = features(ranker, user[0], pool, keys, sums)
+            table = features(ranker, user[0], pool, terms)
             t = timed("features", t)
             ranker.ranker.scorer.score(table)
             t = timed("score", t)

@@ -5,9 +5,9 @@ items are never read), from models kept by `xmr experiment --cache DIR`: no trai
         --variants V.json
 
 Each variant overrides fields of the default RankerConfig (`retrieve`, `expand`,
-`neighbours`, `hidden`, `l2`, `market_l2`, `slate_negatives`). Its examples are the
-validation users' candidates exactly as the service builds them; the scorer is fitted on one
-half of the users of every market and scored on the other half, then the halves swap
+`neighbours`, `hidden`, `l2`, `market_l2`, `slate_negatives`, `similar`). Its examples are
+the validation users' candidates exactly as the service builds them; the scorer is fitted on
+one half of the users of every market and scored on the other half, then the halves swap
 (2-fold cross-validation, so no user's NDCG comes from a scorer fitted on that user). Users
 whose validation item was not among the candidates count as 0. Prints one JSON line per
 variant: cross-validated NDCG@10 per market and the unweighted mean, for the retrieved pool
@@ -115,7 +115,8 @@ def main() -> None:
         ranker_config = replace(config.ranker, **{k: v for k, v in variant.items()
                                                   if k != "name"})
         candidates = (ranker_config.retrieve, ranker_config.expand, ranker_config.neighbours,
-                      ranker_config.max_users, ranker_config.slate_negatives)
+                      ranker_config.max_users, ranker_config.slate_negatives,
+                      ranker_config.similar)
         if candidates not in built:
             fitting = RankerFitting(prepared.splits, markets, prepared.vocab.n_rows,
                                     ranker_spec(ranker_config), ranker_config.max_users,

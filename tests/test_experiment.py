@@ -11,7 +11,16 @@ import numpy as np
 import pytest
 import torch
 
-from training.baselines import cooccurrence_similarity, itemknn_scorer, pop_scorer, popularity
+from training.baselines import (
+    choose_ease,
+    cooccurrence_similarity,
+    ease_scorer,
+    ease_weights,
+    item_gram,
+    itemknn_scorer,
+    pop_scorer,
+    popularity,
+)
 from training.config import TrainConfig
 from training.data import Dataset, read_dataset
 from training.experiment import (
@@ -57,6 +66,49 @@ def test_itemknn_is_cosine_cooccurrence_summed_over_the_session() -> None:
     assert scores[0].tolist() == pytest.approx([0, 1 / np.sqrt(2), 1 / np.sqrt(2),
                                                 1 / np.sqrt(2) + 1.0, 0, 0])
     assert torch.count_nonzero(scores[1:]) == 0
+
+
+def test_ease_is_the_closed_form_ridge_regression_with_a_zero_diagonal() -> None:
+    sessions = [[1, 2, 3], [3, 2, 2], [4], [1, 3, 5], [2, 5]]
+    n_rows, l2 = 6, 0.5
+    x = np.zeros((len(sessions), n_rows))
+    for u, seq in enumerate(sessions):
+        x[u, seq] = 1.0  # a repeated item counts once
+    gram = item_gram(sessions, n_rows)
+    assert gram.numpy() == pytest.approx(x.T @ x)
+    precision = np.linalg.inv(x.T @ x + l2 * np.eye(n_rows))
+    expected = -precision / np.diag(precision)[None, :]
+    np.fill_diagonal(expected, 0.0)
+    weights = ease_weights(gram, l2)
+    assert weights.numpy() == pytest.approx(expected, abs=1e-5)
+    # the ridge regression of each column on the others: the gradient of
+    # |X - XB|^2 + l2 |B|^2 vanishes off the (fixed) zero diagonal
+    b = weights.double().numpy()
+    gradient = -2 * x.T @ (x - x @ b) + 2 * l2 * b
+    np.fill_diagonal(gradient, 0.0)
+    assert np.abs(gradient).max() < 1e-4
+    scores = ease_scorer(weights)([[1, 2, 2], []])
+    assert scores[0].numpy() == pytest.approx(b[1] + b[2], abs=1e-6)
+    assert torch.count_nonzero(scores[1]) == 0
+    assert gram.diagonal().tolist() == [0, 2, 3, 3, 1, 2]  # ease_weights left it as it was
+
+
+def test_ease_l2_is_chosen_on_validation_items(dataset: Dataset) -> None:
+    from training.train import prepare
+
+    prepared = prepare(dataset, "full", 0)
+    splits = [prepared.splits[m] for m in prepared.markets]
+    gram = item_gram([seq for s in splits for seq in s.train], prepared.vocab.n_rows)
+    from training.evaluate import evaluate_split
+
+    def valid(l2: float) -> float:
+        scorer = ease_scorer(ease_weights(gram, l2))
+        return float(np.mean([evaluate_split(s, scorer, "valid")["ndcg@10"] for s in splits]))
+
+    l2s = (1.0, 1e4)
+    chosen, weights = choose_ease(splits, gram, l2s)
+    assert chosen == max(l2s, key=valid)
+    assert torch.equal(weights, ease_weights(gram, chosen))
 
 
 def test_market_cosine_of_the_embedding_rows() -> None:
@@ -178,8 +230,8 @@ def _fake_result(protocol: str, markets: list[str], seeds: list[int]) -> Protoco
 def test_report_states_the_protocol_discipline_and_compares_with_the_acmr_log() -> None:
     result = _fake_result("acmr", ["de", "jp"], [0, 1])
     text = render_report(result)
-    assert "early stopping, the served ranker's scorer and ItemKNN's recency decay use the " \
-        "validation items only" in text
+    assert "early stopping, the served ranker's scorer, ItemKNN's recency decay and EASE's L2 " \
+        "weight use the validation items only" in text
     assert "scored once" in text
     assert PEERS["acmr"].source in text
     ours = float(np.mean([result.runs[s]["de"]["bert4xmr"]["ndcg@10"] for s in (0, 1)]))

@@ -295,3 +295,60 @@ def test_slate_rows_put_the_target_first_beside_distinct_sold_rows_outside_the_s
     # a market with fewer items than asked gives all it has, once each
     small = slate_rows(rng, np.arange(1, 8, dtype=np.int64), [1, 2], 3, 99)
     assert small[0] == 3 and sorted(small[1:].tolist()) == [4, 5, 6, 7]
+
+
+def test_similar_features_are_cosines_with_the_newest_sold_session_items() -> None:
+    from training.ranker import features, session_candidates
+
+    spec = RankerSpec(retrieve=3, expand=2, similar=2)
+    assert spec.feature_names[-3:] == ("cos_newest", "cos_max@2", "cos_mean@2")
+    ranker, items = small_ranker(spec)
+    bound = bind(ranker, items, max_len=10)
+    user = np.ones(4, dtype=np.float32)
+    vectors = np.asarray(items.vectors, dtype=np.float64)
+
+    def unit(row: int) -> np.ndarray:
+        v = vectors[items.position[row]]
+        return v / np.linalg.norm(v)
+
+    # the newest distinct items, newest first: 5 (twice, newest kept), then 2; 4 is older
+    pool, terms = session_candidates(bound, [4, 5, 2, 5], np.asarray([6, 7, 3]), None, [])
+    assert items.rows[terms.recent].tolist() == [5, 2]
+    table = features(bound, user, pool, terms)
+    for c, position in enumerate(pool.tolist()):
+        candidate = unit(int(items.rows[position]))
+        cosines = [float(candidate @ unit(5)), float(candidate @ unit(2))]
+        assert table[c, -3] == pytest.approx(cosines[0], abs=1e-5)
+        assert table[c, -2] == pytest.approx(max(cosines), abs=1e-5)
+        assert table[c, -1] == pytest.approx(np.mean(cosines), abs=1e-5)
+    # a session of items the market does not sell has no newest item: the features are 0
+    cooc = count_pairs(SESSIONS, N_ROWS, ordered=False)
+    sold = np.arange(1, N_ROWS - 1, dtype=np.int64)  # not 7
+    table6 = build_neighbours(cooc, cooc, cooc, sold, N_ROWS, keep=10)
+    fewer = ItemVectors(sold, vectors[items.position[sold]].astype(np.float32),
+                        np.where(np.arange(N_ROWS) < N_ROWS - 1, np.arange(N_ROWS) - 1, -1))
+    fewer.position[0] = -1
+    bound6 = bind(MarketRanker(spec, table6, ranker.pop, ranker.global_pop, ranker.scorer),
+                  fewer, max_len=10)
+    pool, terms = session_candidates(bound6, [7], np.asarray([1, 2]), None, [])
+    assert len(terms.recent) == 0 and fewer.rows[pool].tolist() == [1, 2, 6]  # 6: 7's neighbour
+    assert not features(bound6, user, pool, terms)[:, -3:].any()
+
+
+def test_the_similar_count_round_trips_and_older_rankers_read_as_without_it(
+        tmp_path: Path) -> None:
+    ranker, items = small_ranker(RankerSpec(retrieve=3, expand=2, similar=2))
+    save_ranker(tmp_path, ranker, "a" * 64, {})
+    loaded = load_ranker(tmp_path, "a" * 64, N_ROWS)
+    assert loaded is not None and loaded.spec == ranker.spec
+    user = np.ones(4, dtype=np.float32)
+    assert rank_session(bind(loaded, items, 10), [1, 2], user, np.asarray([6]), None, [], 5) \
+        == rank_session(bind(ranker, items, 10), [1, 2], user, np.asarray([6]), None, [], 5)
+    plain, _ = small_ranker()
+    save_ranker(tmp_path, plain, "a" * 64, {})
+    manifest = tmp_path / "ranker.json"
+    data = json.loads(manifest.read_text())
+    del data["spec"]["similar"]  # as written before the field existed
+    manifest.write_text(json.dumps(data))
+    older = load_ranker(tmp_path, "a" * 64, N_ROWS)
+    assert older is not None and older.spec == plain.spec and older.spec.similar == 0

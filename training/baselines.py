@@ -1,4 +1,4 @@
-"""Non-neural baselines of the evaluation harness: most-popular and item-to-item ItemKNN.
+"""Non-neural baselines of the evaluation harness: most-popular, item-to-item ItemKNN and EASE.
 
 Both return a `Scorer` (sessions -> (B, N) scores), so they are ranked by the same
 `rank_split` path, on the same candidates, as Bert4XMR.
@@ -83,3 +83,62 @@ def choose_decay(split: MarketSplit, similarity: torch.Tensor,
     scores = [evaluate_split(split, itemknn_scorer(similarity, d), "valid")["ndcg@10"]
               for d in decays]
     return decays[int(np.argmax(scores))]
+
+
+def item_gram(sequences: Sequence[Sequence[int]], n_rows: int) -> torch.Tensor:
+    """G = X^T X, (N, N) float32, X the users x items matrix with 1 where the user has the item
+    (a user's repeated item counts once): users sharing each pair of items, users per item on
+    the diagonal (from the pair counts ItemKNN uses, not a dense X)."""
+    pairs = count_pairs(sequences, n_rows, ordered=False)
+    gram = torch.zeros(n_rows, n_rows, dtype=torch.float32)
+    gram.view(-1)[torch.as_tensor(pairs.keys)] = torch.as_tensor(pairs.users,
+                                                                  dtype=torch.float32)
+    gram.diagonal().copy_(torch.as_tensor(pairs.item_users, dtype=torch.float32))
+    return gram
+
+
+def ease_weights(gram: torch.Tensor, l2: float) -> torch.Tensor:
+    """EASE's item-item weights (Steck, WWW 2019), (N, N) float32: with P = (G + l2 I)^-1,
+    B_ij = -P_ij / P_jj and B_ii = 0, the ridge regression of each item's column of X on the
+    other items' under the constraint of a zero diagonal. Dense: N^2 floats and an N^3
+    inverse, a harness baseline for catalogues of some ten thousand items."""
+    regularised = gram.clone()
+    regularised.diagonal().add_(l2)
+    precision = torch.cholesky_inverse(torch.linalg.cholesky(regularised))
+    del regularised
+    weights = precision.div_(-precision.diagonal().clone()[None, :])
+    weights.fill_diagonal_(0.0)
+    return weights
+
+
+def ease_scorer(weights: torch.Tensor) -> Scorer:
+    """Score of item j = sum over the session's distinct items i of B_ij."""
+    n_rows = weights.shape[0]
+
+    def score(sessions: list[list[int]]) -> torch.Tensor:
+        present = torch.zeros(len(sessions), n_rows, dtype=torch.float32)  # (B, N)
+        for b, session in enumerate(sessions):
+            if session:
+                present[b, torch.as_tensor(session, dtype=torch.long)] = 1.0
+        return (present @ weights).double()
+
+    return score
+
+
+EASE_L2S = (300.0, 800.0)  # validation, seed 0: best of 50-5000 were 300 (full), 800 (acmr)
+
+
+def choose_ease(splits: Sequence[MarketSplit], gram: torch.Tensor,
+                l2s: Sequence[float] = EASE_L2S) -> tuple[float, torch.Tensor]:
+    """EASE's L2 weight with the best mean validation NDCG@10 over `splits` (validation items
+    only; the first of equals) and its weights: one matrix shared by every market, as the
+    co-occurrence of ItemKNN is."""
+    best: tuple[float, float, torch.Tensor] | None = None
+    for l2 in l2s:
+        weights = ease_weights(gram, l2)
+        scorer = ease_scorer(weights)
+        mean = float(np.mean([evaluate_split(s, scorer, "valid")["ndcg@10"] for s in splits]))
+        if best is None or mean > best[0]:
+            best = (mean, l2, weights)
+    assert best is not None, "no L2 weights to choose from"
+    return best[1], best[2]

@@ -19,7 +19,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from training.baselines import choose_decay, cooccurrence_similarity, itemknn_scorer, pop_scorer
+from training.baselines import (
+    choose_decay,
+    choose_ease,
+    cooccurrence_similarity,
+    ease_scorer,
+    item_gram,
+    itemknn_scorer,
+    pop_scorer,
+)
 from training.config import TrainConfig, paper_form
 from training.data import Dataset
 from training.evaluate import Scorer, model_scorer, rank_split, restrict
@@ -34,7 +42,7 @@ from training.train import Prepared, finetune, fit, new_model, prepare, pretrain
 logger = logging.getLogger(__name__)
 
 MODELS = ("served", "bert4xmr", "bert4xmr_paper", "global_only", "no_market_emb", "target_only",
-          "pop", "itemknn", "itemknn_recency")
+          "pop", "itemknn", "itemknn_recency", "ease")
 TRAIN_SPLIT = {"full": "full", "forec": "full", "acmr": "acmr"}  # protocol -> split trained on
 
 Metrics = dict[str, float]
@@ -241,6 +249,14 @@ def run_seed(
         with watch.time("itemknn_recency"):
             decays = {m: choose_decay(prepared.splits[m], similarity) for m in markets}
             logger.info("itemknn_recency seed=%d decays %s", seed, decays)
+    ease: Scorer | None = None  # one EASE over all markets' training sessions
+    if "ease" in models:
+        with watch.time("ease"):
+            l2, weights = choose_ease(
+                [prepared.splits[m] for m in markets],
+                item_gram([seq for m in markets for seq in prepared.splits[m].train], n_rows))
+            ease = ease_scorer(weights)
+            logger.info("ease seed=%d l2 %g", seed, l2)
     fitting = (RankerFitting(prepared.splits, markets, n_rows, ranker_spec(config.ranker),
                              config.ranker.max_users, seed, sold,
                              config.ranker.slate_negatives)
@@ -281,6 +297,8 @@ def run_seed(
             unrestricted["itemknn"] = knn
         if decays:
             unrestricted["itemknn_recency"] = itemknn_scorer(similarity, decays[market])
+        if ease is not None:
+            unrestricted["ease"] = ease
         restricted = {name: restrict(scorer, catalogues[market])
                       for name, scorer in unrestricted.items()}
         if fitted is not None:

@@ -4,10 +4,11 @@ harness scores as `served`, computed by the one function `rank_session`.
 Candidates are the model's inner-product top-N (the market's index) together with the items
 that co-occur most with the session (recency-weighted), minus the session's own items. Each
 candidate gets features: the model score, recency-weighted sums of item-to-item statistics
-(cosine co-occurrence over all markets, in-order transitions, the market's own co-occurrence)
-and the market's and all markets' popularity. A small scorer fitted on validation items only
-(`fit_scorer`) turns them into the served score. numpy only: the service imports this module on
-hosts without torch (fitting imports torch itself).
+(cosine co-occurrence over all markets, in-order transitions, the market's own co-occurrence),
+the market's and all markets' popularity, and the cosine of its vector with the newest session
+items' vectors. A small scorer fitted on validation items only (`fit_scorer`) turns them into
+the served score. numpy only: the service imports this module on hosts without torch (fitting
+imports torch itself).
 """
 
 from __future__ import annotations
@@ -69,12 +70,18 @@ class RankerSpec:
     expand: int = 100  # co-occurrence candidates, by the `expand_by` aggregate
     expand_by: int = 1  # index into `aggregates`
     neighbours: int = 50  # most similar items kept per item (by "cooc")
+    # > 0: three more features, the cosine of the candidate's vector v_m(j) with the newest
+    # session item's, and its largest and mean cosine with the `similar` newest items' (0
+    # where the session has none the market sells)
+    similar: int = 0
 
     @property
     def feature_names(self) -> tuple[str, ...]:
         names = ["model", "log_pop", "log_global_pop"]
         for aggregate in self.aggregates:
             names += [aggregate.name, f"log({aggregate.name})"]
+        if self.similar:
+            names += ["cos_newest", f"cos_max@{self.similar}", f"cos_mean@{self.similar}"]
         return tuple(names)
 
 
@@ -139,6 +146,17 @@ class ItemVectors:
     # (N, D) float32; served, `SoldVectors` computes them on demand from the shared table
     vectors: np.ndarray | SoldVectors
     position: np.ndarray  # (n_rows,) index of each row in `rows`, -1 where not sold
+
+
+@dataclass(frozen=True)
+class SessionTerms:
+    """What `features` reads of a session besides its candidates: the `aggregate` keys and
+    sums, and the index positions of its newest sold items, newest first (at most
+    `RankerSpec.similar`)."""
+
+    keys: np.ndarray  # (U,) sorted positions
+    sums: np.ndarray  # (U, A)
+    recent: np.ndarray  # (R,) positions
 
 
 @dataclass(frozen=True)
@@ -244,20 +262,31 @@ def aggregate(bound: BoundRanker, rows: np.ndarray, ages: np.ndarray
     return keys[order], sums[order]
 
 
-def features(bound: BoundRanker, user: np.ndarray, pool: np.ndarray, keys: np.ndarray,
-             sums: np.ndarray) -> np.ndarray:
+def features(bound: BoundRanker, user: np.ndarray, pool: np.ndarray, terms: SessionTerms
+             ) -> np.ndarray:
     """(C, F) features of candidate positions, in RankerSpec.feature_names order."""
+    keys, sums = terms.keys, terms.sums
     agg = np.zeros((len(pool), sums.shape[1]), dtype=np.float64)  # (C, A)
     if len(keys):
         at = np.minimum(np.searchsorted(keys, pool), len(keys) - 1)
         found = keys[at] == pool
         agg[found] = sums[at[found]]
-    out = np.empty((len(pool), 3 + 2 * agg.shape[1]), dtype=np.float64)
-    out[:, 0] = bound.items.vectors[pool] @ user.astype(np.float32)
+    n_aggregated = 3 + 2 * agg.shape[1]
+    out = np.zeros((len(pool), len(bound.spec.feature_names)), dtype=np.float64)
+    vectors = bound.items.vectors[pool]  # (C, D)
+    out[:, 0] = vectors @ user.astype(np.float32)
     out[:, 1] = bound.log_pop[pool]
     out[:, 2] = bound.log_global_pop[pool]
-    out[:, 3::2] = agg
-    out[:, 4::2] = np.log1p(10.0 * agg)
+    out[:, 3:n_aggregated:2] = agg
+    out[:, 4:n_aggregated:2] = np.log1p(10.0 * agg)
+    if bound.spec.similar and len(terms.recent) and len(pool):
+        recent = bound.items.vectors[terms.recent]  # (R, D)
+        cosine = (vectors @ recent.T) / np.maximum(  # (C, R)
+            np.linalg.norm(vectors, axis=1)[:, None] * np.linalg.norm(recent, axis=1)[None, :],
+            1e-12)
+        out[:, n_aggregated] = cosine[:, 0]
+        out[:, n_aggregated + 1] = cosine.max(axis=1)
+        out[:, n_aggregated + 2] = cosine.mean(axis=1)
     return out
 
 
@@ -300,18 +329,23 @@ def candidate_pool(bound: BoundRanker, hits: np.ndarray, keys: np.ndarray, sums:
 
 def session_candidates(bound: BoundRanker, session: Sequence[int], hits: np.ndarray | None,
                        candidates: Sequence[int] | None, excluded: Iterable[int]
-                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One session's candidate positions (sorted) with its co-occurrence sums (the `aggregate`
-    keys and sums that `features` reads): the pool `rank_session` scores, and the one the
-    ranker is fitted on. `hits`, `candidates` and `excluded` as in `rank_session`."""
+                       ) -> tuple[np.ndarray, SessionTerms]:
+    """One session's candidate positions (sorted) with what `features` reads of the session:
+    the pool `rank_session` scores, and the one the ranker is fitted on. `hits`,
+    `candidates` and `excluded` as in `rank_session`."""
     rows, ages = session_arrays(session, len(bound.weights))
     keys, sums = aggregate(bound, rows, ages)
+    recent = np.zeros(0, dtype=np.int64)
+    if bound.spec.similar:
+        positions = bound.items.position[rows[np.argsort(ages)]]
+        recent = positions[positions >= 0][: bound.spec.similar]
+    terms = SessionTerms(keys, sums, recent)
     excluded_rows = np.fromiter(excluded, dtype=np.int64)
     if candidates is not None:
-        return candidate_list(bound, candidates, excluded_rows), keys, sums
+        return candidate_list(bound, candidates, excluded_rows), terms
     assert hits is not None
-    pool = candidate_pool(bound, np.asarray(hits, dtype=np.int64), keys, sums, excluded_rows)
-    return pool, keys, sums
+    return candidate_pool(bound, np.asarray(hits, dtype=np.int64), keys, sums,
+                          excluded_rows), terms
 
 
 def candidate_list(bound: BoundRanker, candidates: Iterable[int], excluded: np.ndarray
@@ -333,11 +367,11 @@ def rank_session(bound: BoundRanker, session: Sequence[int], user: np.ndarray,
     with explicit `candidates` (rows sold in the market) only those are ranked and `hits` is
     not used (and the ranker's slate scorer orders them). `excluded` rows are never returned.
     Equal scores are ordered by row."""
-    pool, keys, sums = session_candidates(bound, session, hits, candidates, excluded)
+    pool, terms = session_candidates(bound, session, hits, candidates, excluded)
     if not len(pool):
         return []
     scorer = bound.ranker.scorer_for(slate=candidates is not None)
-    scores = scorer.score(features(bound, user, pool, keys, sums))  # (C,)
+    scores = scorer.score(features(bound, user, pool, terms))  # (C,)
     found = bound.items.rows[pool]
     order = np.lexsort((found, -scores))[:k]
     return [(int(found[i]), float(scores[i])) for i in order.tolist()]
@@ -514,7 +548,7 @@ def _spec_json(spec: RankerSpec) -> dict[str, Any]:
             {"stat": a.stat, "decay": a.decay, "pop_shift": a.pop_shift} for a in spec.aggregates
         ],
         "retrieve": spec.retrieve, "expand": spec.expand, "expand_by": spec.expand_by,
-        "neighbours": spec.neighbours,
+        "neighbours": spec.neighbours, "similar": spec.similar,
     }
 
 
@@ -525,9 +559,12 @@ def _spec_from_json(data: dict[str, Any]) -> RankerSpec:
     if unknown:
         raise ValueError(f"unknown statistic(s) {unknown}; known {list(PAIR_STATS)}")
     spec = RankerSpec(aggregates, int(data["retrieve"]), int(data["expand"]),
-                      int(data["expand_by"]), int(data["neighbours"]))
+                      int(data["expand_by"]), int(data["neighbours"]),
+                      int(data.get("similar", 0)))  # absent in rankers written before it
     if not 0 <= spec.expand_by < len(aggregates):
         raise ValueError(f"expand_by {spec.expand_by} is not an aggregate's index")
+    if spec.similar < 0:
+        raise ValueError(f"similar {spec.similar} is negative")
     return spec
 
 

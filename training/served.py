@@ -43,7 +43,7 @@ UNFITTED = Scorer(np.zeros(0), np.ones(0), np.zeros(0))  # a placeholder until f
 
 def ranker_spec(config: RankerConfig) -> RankerSpec:
     return RankerSpec(retrieve=config.retrieve, expand=config.expand,
-                      neighbours=config.neighbours)
+                      neighbours=config.neighbours, similar=config.similar)
 
 
 def item_vectors(model: Bert4XMR, market_row: int, market_items: np.ndarray) -> ItemVectors:
@@ -142,16 +142,16 @@ def validation_examples(bound: BoundRanker, model: Bert4XMR, split: MarketSplit,
         hits = retrieve(bound.items, users, bound.spec.retrieve)
         for b, session in enumerate(batch):
             target = int(targets[picked[b]])
-            pool, keys, sums = session_candidates(bound, session, hits[b], None, session)
+            pool, terms = session_candidates(bound, session, hits[b], None, session)
             at = int(np.searchsorted(pool, bound.items.position[target]))
             if at < len(pool) and bound.items.rows[pool[at]] == target:
-                out.append((features(bound, users[b], pool, keys, sums).astype(np.float32), at))
+                out.append((features(bound, users[b], pool, terms).astype(np.float32), at))
             if slate_negatives and bound.items.position[target] >= 0:
                 rows = slate_rows(slate_rng, bound.items.rows, session, target, slate_negatives)
                 # the pool's sums are the session's: only the candidates differ
                 slate = candidate_list(bound, rows, np.asarray(session, dtype=np.int64))
                 at = int(np.searchsorted(slate, bound.items.position[target]))
-                slates.append((features(bound, users[b], slate, keys, sums).astype(np.float32),
+                slates.append((features(bound, users[b], slate, terms).astype(np.float32),
                                at))
     return Examples(out, len(chosen), slates)
 
