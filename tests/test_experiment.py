@@ -111,6 +111,18 @@ def test_ease_l2_is_chosen_on_validation_items(dataset: Dataset) -> None:
     assert torch.equal(weights, ease_weights(gram, chosen))
 
 
+def test_ease_is_left_out_of_the_default_models_above_its_catalogue_limit() -> None:
+    from training.baselines import EASE_MAX_ITEMS
+    from training.experiment import MODELS, ExperimentError, models_for
+
+    assert models_for(None, EASE_MAX_ITEMS) == MODELS
+    assert models_for(None, EASE_MAX_ITEMS + 1) == tuple(m for m in MODELS if m != "ease")
+    assert "ease" in models_for(["bert4xmr,ease"], 100)
+    too_many = EASE_MAX_ITEMS + 1
+    with pytest.raises(ExperimentError, match=f"ease needs a dense {too_many} x {too_many}"):
+        models_for(["bert4xmr,ease"], EASE_MAX_ITEMS + 1)
+
+
 def test_market_cosine_of_the_embedding_rows() -> None:
     model = Bert4XMR(ModelConfig(n_rows=5, n_markets=3, d_model=4, n_layers=1, n_heads=1,
                                  d_ff=8))

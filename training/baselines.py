@@ -125,6 +125,9 @@ def ease_scorer(weights: torch.Tensor) -> Scorer:
     return score
 
 
+# EASE's weights are a dense n_items^2 matrix inverted whole (two or three copies of it are
+# alive at once): 20K items take about 1.6 GB a copy, so the harness runs it up to there.
+EASE_MAX_ITEMS = 20_000
 EASE_L2S = (300.0, 800.0)  # validation, seed 0: best of 50-5000 were 300 (full), 800 (acmr)
 
 

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from training.baselines import (
+    EASE_MAX_ITEMS,
     choose_decay,
     choose_ease,
     cooccurrence_similarity,
@@ -148,6 +149,21 @@ def parse_models(values: list[str] | None) -> tuple[str, ...]:
         raise ExperimentError(f"unknown model(s) {unknown}; choose from {list(MODELS)}")
     names |= {"global_only", "pop"}
     return tuple(m for m in MODELS if m in names)
+
+
+def models_for(values: list[str] | None, n_items: int) -> tuple[str, ...]:
+    """`parse_models` for a catalogue of `n_items`: `ease` (a dense n_items^2 matrix) is left
+    out of the default set above EASE_MAX_ITEMS items, and refused there when asked for."""
+    chosen = parse_models(values)
+    if "ease" not in chosen or n_items <= EASE_MAX_ITEMS:
+        return chosen
+    if values:
+        raise ExperimentError(
+            f"model ease needs a dense {n_items} x {n_items} matrix; the harness runs it up to "
+            f"{EASE_MAX_ITEMS} items: leave it out of --models")
+    logger.warning("experiment: no ease baseline over %d items (at most %d)", n_items,
+                   EASE_MAX_ITEMS)
+    return tuple(m for m in chosen if m != "ease")
 
 
 def market_cosine(model: Bert4XMR) -> np.ndarray:
@@ -394,7 +410,7 @@ def run_experiment(
         except OSError as e:
             raise ExperimentError(f"--cache {cache_dir}: not a usable directory ({e})") from e
     protocols = parse_protocols(protocols)
-    chosen = parse_models(models)
+    chosen = models_for(models, len(dataset.item_ids))
     stores = {p: NegativeStore(negatives_dirs[p]) for p in protocols if p != "full"}
     results = {
         p: ProtocolResult(p, dataset.market_codes, list(chosen), config=config.to_dict(),
