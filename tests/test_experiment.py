@@ -33,6 +33,7 @@ from training.experiment import (
 )
 from training.metrics import METRIC_NAMES
 from training.model import Bert4XMR, ModelConfig
+from training.ranker import count_pairs
 from training.report import PEERS, output_dirs, render_report, write_outputs
 from training.split import MarketSplit
 
@@ -55,7 +56,8 @@ def test_pop_counts_training_interactions_and_breaks_ties_by_row() -> None:
 
 def test_itemknn_is_cosine_cooccurrence_summed_over_the_session() -> None:
     # users: {1,2,3}, {2,3}, {4}: |1|=1 |2|=2 |3|=2; co(1,2)=1 co(1,3)=1 co(2,3)=2
-    similarity = cooccurrence_similarity([[1, 2, 3], [3, 2, 2], [4]], 6)
+    similarity = cooccurrence_similarity(count_pairs([[1, 2, 3], [3, 2, 2], [4]], 6,
+                                                     ordered=False))
     dense = similarity.to_dense()
     assert dense[1, 2].item() == pytest.approx(1 / np.sqrt(2))
     assert dense[2, 3].item() == pytest.approx(1.0)
@@ -74,7 +76,7 @@ def test_ease_is_the_closed_form_ridge_regression_with_a_zero_diagonal() -> None
     x = np.zeros((len(sessions), n_rows))
     for u, seq in enumerate(sessions):
         x[u, seq] = 1.0  # a repeated item counts once
-    gram = item_gram(sessions, n_rows)
+    gram = item_gram(count_pairs(sessions, n_rows, ordered=False))
     assert gram.numpy() == pytest.approx(x.T @ x)
     precision = np.linalg.inv(x.T @ x + l2 * np.eye(n_rows))
     expected = -precision / np.diag(precision)[None, :]
@@ -94,12 +96,13 @@ def test_ease_is_the_closed_form_ridge_regression_with_a_zero_diagonal() -> None
 
 
 def test_ease_l2_is_chosen_on_validation_items(dataset: Dataset) -> None:
+    from training.evaluate import evaluate_split
     from training.train import prepare
 
     prepared = prepare(dataset, "full", 0)
     splits = [prepared.splits[m] for m in prepared.markets]
-    gram = item_gram([seq for s in splits for seq in s.train], prepared.vocab.n_rows)
-    from training.evaluate import evaluate_split
+    gram = item_gram(count_pairs([seq for s in splits for seq in s.train],
+                                 prepared.vocab.n_rows, ordered=False))
 
     def valid(l2: float) -> float:
         scorer = ease_scorer(ease_weights(gram, l2))

@@ -1,7 +1,8 @@
 """Non-neural baselines of the evaluation harness: most-popular, item-to-item ItemKNN and EASE.
 
-Both return a `Scorer` (sessions -> (B, N) scores), so they are ranked by the same
-`rank_split` path, on the same candidates, as Bert4XMR.
+Each returns a `Scorer` (sessions -> (B, N) scores), so they are ranked by the same
+`rank_split` path, on the same candidates, as Bert4XMR. ItemKNN and EASE read one count of the
+item pairs of all markets' training sessions (`training.ranker.count_pairs`).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import numpy as np
 import torch
 
 from training.evaluate import Scorer, evaluate_split
-from training.ranker import count_pairs
+from training.ranker import PairCounts
 from training.split import MarketSplit
 
 
@@ -38,12 +39,13 @@ def pop_scorer(split: MarketSplit, n_rows: int) -> Scorer:
     return score
 
 
-def cooccurrence_similarity(sequences: Sequence[Sequence[int]], n_rows: int) -> torch.Tensor:
-    """Cosine item-item similarity of item occurrence over users, as a sparse COO (N, N).
+def cooccurrence_similarity(pairs: PairCounts) -> torch.Tensor:
+    """Cosine item-item similarity of item occurrence over users, as a sparse COO (N, N), from
+    the unordered pair counts of the sessions (`count_pairs(..., ordered=False)`).
 
     sim(i, j) = |users with i and j| / sqrt(|users with i| * |users with j|), diagonal zero.
     """
-    pairs = count_pairs(sequences, n_rows, ordered=False)
+    n_rows = len(pairs.item_users)
     i, j = pairs.keys // n_rows, pairs.keys % n_rows
     return torch.sparse_coo_tensor(
         torch.as_tensor(np.stack([i, j])), torch.as_tensor(pairs.cosine(), dtype=torch.float32),
@@ -85,11 +87,11 @@ def choose_decay(split: MarketSplit, similarity: torch.Tensor,
     return decays[int(np.argmax(scores))]
 
 
-def item_gram(sequences: Sequence[Sequence[int]], n_rows: int) -> torch.Tensor:
+def item_gram(pairs: PairCounts) -> torch.Tensor:
     """G = X^T X, (N, N) float32, X the users x items matrix with 1 where the user has the item
     (a user's repeated item counts once): users sharing each pair of items, users per item on
-    the diagonal (from the pair counts ItemKNN uses, not a dense X)."""
-    pairs = count_pairs(sequences, n_rows, ordered=False)
+    the diagonal, from the unordered pair counts ItemKNN reads (no dense X)."""
+    n_rows = len(pairs.item_users)
     gram = torch.zeros(n_rows, n_rows, dtype=torch.float32)
     gram.view(-1)[torch.as_tensor(pairs.keys)] = torch.as_tensor(pairs.users,
                                                                   dtype=torch.float32)

@@ -36,6 +36,7 @@ from training.metrics import METRIC_NAMES, summarize
 from training.model import Bert4XMR
 from training.model_cache import CachedModels, ModelCache, cache_key
 from training.negatives import NegativeStore
+from training.ranker import PairCounts, count_pairs
 from training.served import RankerFitting, ServedScorer, item_vectors, ranker_spec
 from training.split import PROTOCOLS, MarketSplit, split_market
 from training.train import Prepared, finetune, fit, new_model, prepare, pretrain
@@ -255,10 +256,18 @@ def run_seed(
     catalogues = {m: prepared.splits[m].catalogue() for m in markets}
     sold = catalogues if split_name == "acmr" else None
     knn: Scorer | None = None  # one ItemKNN over all markets' training sessions
+    pairs: PairCounts | None = None  # their item pairs, counted once for ItemKNN and EASE
+
+    def all_pairs() -> PairCounts:
+        nonlocal pairs
+        if pairs is None:
+            pairs = count_pairs([seq for m in markets for seq in prepared.splits[m].train],
+                                n_rows, ordered=False)
+        return pairs
+
     if "itemknn" in models or "itemknn_recency" in models:
         with watch.time("itemknn"):
-            train_seqs = [seq for m in markets for seq in prepared.splits[m].train]
-            similarity = cooccurrence_similarity(train_seqs, n_rows)
+            similarity = cooccurrence_similarity(all_pairs())
             knn = itemknn_scorer(similarity)
     decays: dict[str, float] = {}
     if "itemknn_recency" in models:
@@ -268,9 +277,8 @@ def run_seed(
     ease: Scorer | None = None  # one EASE over all markets' training sessions
     if "ease" in models:
         with watch.time("ease"):
-            l2, weights = choose_ease(
-                [prepared.splits[m] for m in markets],
-                item_gram([seq for m in markets for seq in prepared.splits[m].train], n_rows))
+            l2, weights = choose_ease([prepared.splits[m] for m in markets],
+                                      item_gram(all_pairs()))
             ease = ease_scorer(weights)
             logger.info("ease seed=%d l2 %g", seed, l2)
     fitting = (RankerFitting(prepared.splits, markets, n_rows, ranker_spec(config.ranker),
