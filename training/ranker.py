@@ -21,6 +21,7 @@ import uuid
 import zipfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -75,7 +76,7 @@ class RankerSpec:
     # where the session has none the market sells)
     similar: int = 0
 
-    @property
+    @cached_property  # read on every request: built once (the dataclass is frozen)
     def feature_names(self) -> tuple[str, ...]:
         names = ["model", "log_pop", "log_global_pop"]
         for aggregate in self.aggregates:
@@ -110,10 +111,18 @@ class Scorer:
 
     def score(self, features: np.ndarray) -> np.ndarray:
         """(C, F) -> (C,) float64."""
+        if self.hidden_weights is None or self.hidden_bias is None:
+            weights, offset = self._linear
+            return features @ weights - offset
         z = (features - self.mean) / self.scale
-        if self.hidden_weights is not None and self.hidden_bias is not None:
-            z = np.tanh(z @ self.hidden_weights.T + self.hidden_bias)
-        return z @ self.weights
+        return np.tanh(z @ self.hidden_weights.T + self.hidden_bias) @ self.weights
+
+    @cached_property
+    def _linear(self) -> tuple[np.ndarray, float]:
+        """A linear scorer folded into one product: w . (f - mean) / scale = (w / scale) . f
+        - w . mean / scale (no standardised copy of the features per request)."""
+        weights = self.weights / self.scale
+        return weights, float(self.mean @ weights)
 
 
 @dataclass(frozen=True)
@@ -154,7 +163,7 @@ class SessionTerms:
     sums, and the index positions of its newest sold items, newest first (at most
     `RankerSpec.similar`)."""
 
-    keys: np.ndarray  # (U,) sorted positions
+    keys: np.ndarray  # (U,) distinct positions (in no particular order)
     sums: np.ndarray  # (U, A)
     recent: np.ndarray  # (R,) positions
 
@@ -174,6 +183,9 @@ class BoundRanker:
     weights: np.ndarray  # (max_len, A) float64: decay ** age of each aggregate
     log_pop: np.ndarray  # (N,) float64 by position
     log_global_pop: np.ndarray  # (N,) float64 by position
+    # (N,) float32: each item vector's length, where the vectors are held as one array (else
+    # computed per request for the few vectors read)
+    norms: np.ndarray | None = None
 
     @property
     def spec(self) -> RankerSpec:
@@ -202,6 +214,8 @@ def bind(ranker: MarketRanker, items: ItemVectors, max_len: int) -> BoundRanker:
         decays[None, :] ** np.arange(max_len, dtype=np.float64)[:, None],  # 0 ** 0 = 1
         np.log1p(ranker.pop[items.rows].astype(np.float64)),
         np.log1p(ranker.global_pop[items.rows].astype(np.float64)),
+        np.linalg.norm(items.vectors, axis=1) if isinstance(items.vectors, np.ndarray)
+        else None,
     )
 
 
@@ -231,7 +245,7 @@ def _slots(n: int) -> np.ndarray:
 
 def aggregate(bound: BoundRanker, rows: np.ndarray, ages: np.ndarray
               ) -> tuple[np.ndarray, np.ndarray]:
-    """Every market item co-occurring with the session: (U,) sorted positions and (U, A) the
+    """Every market item co-occurring with the session: (U,) distinct positions and (U, A) the
     aggregates' sums. Sparse on purpose: a request touches a few hundred neighbours, so its
     cost follows them, not the market's size. The entries of one item are summed in session
     order (a bincount over entry groups: no sort of the entries)."""
@@ -258,35 +272,42 @@ def aggregate(bound: BoundRanker, rows: np.ndarray, ages: np.ndarray
     flat = (group[:, None] * n_aggregates + np.arange(n_aggregates)).ravel()
     sums = np.bincount(flat, weights=contribution.ravel(),
                        minlength=len(keys) * n_aggregates).reshape(len(keys), n_aggregates)
-    order = np.argsort(keys)
-    return keys[order], sums[order]
+    return keys, sums
 
 
 def features(bound: BoundRanker, user: np.ndarray, pool: np.ndarray, terms: SessionTerms
              ) -> np.ndarray:
     """(C, F) features of candidate positions, in RankerSpec.feature_names order."""
     keys, sums = terms.keys, terms.sums
-    agg = np.zeros((len(pool), sums.shape[1]), dtype=np.float64)  # (C, A)
-    if len(keys):
-        at = np.minimum(np.searchsorted(keys, pool), len(keys) - 1)
-        found = keys[at] == pool
-        agg[found] = sums[at[found]]
-    n_aggregated = 3 + 2 * agg.shape[1]
+    n_aggregated = 3 + 2 * sums.shape[1]
     out = np.zeros((len(pool), len(bound.spec.feature_names)), dtype=np.float64)
+    if len(keys):
+        # each key's index through the scratch slots (stale slots are caught by the check)
+        slots = _slots(len(bound.items.rows))
+        slots[keys] = np.arange(len(keys))
+        at = slots[pool]
+        found = np.flatnonzero((at >= 0) & (at < len(keys)))
+        found = found[keys[at[found]] == pool[found]]
+        agg = sums[at[found]]  # (C', A)
+        out[found, 3:n_aggregated:2] = agg
+        out[found, 4:n_aggregated:2] = np.log1p(10.0 * agg)
     vectors = bound.items.vectors[pool]  # (C, D)
     out[:, 0] = vectors @ user.astype(np.float32)
     out[:, 1] = bound.log_pop[pool]
     out[:, 2] = bound.log_global_pop[pool]
-    out[:, 3:n_aggregated:2] = agg
-    out[:, 4:n_aggregated:2] = np.log1p(10.0 * agg)
     if bound.spec.similar and len(terms.recent) and len(pool):
         recent = bound.items.vectors[terms.recent]  # (R, D)
-        cosine = (vectors @ recent.T) / np.maximum(  # (C, R)
-            np.linalg.norm(vectors, axis=1)[:, None] * np.linalg.norm(recent, axis=1)[None, :],
-            1e-12)
-        out[:, n_aggregated] = cosine[:, 0]
-        out[:, n_aggregated + 1] = cosine.max(axis=1)
-        out[:, n_aggregated + 2] = cosine.mean(axis=1)
+        if bound.norms is not None:
+            lengths, recent_lengths = bound.norms[pool], bound.norms[terms.recent]
+        else:
+            lengths = np.linalg.norm(vectors, axis=1)
+            recent_lengths = np.linalg.norm(recent, axis=1)
+        # (R, C): the reductions over the session's items run along the outer axis
+        cosine = recent @ vectors.T
+        cosine /= np.maximum(recent_lengths[:, None] * lengths[None, :], 1e-12)
+        out[:, n_aggregated] = cosine[0]
+        out[:, n_aggregated + 1] = cosine.max(axis=0)
+        out[:, n_aggregated + 2] = cosine.sum(axis=0) / len(cosine)
     return out
 
 
@@ -373,7 +394,11 @@ def rank_session(bound: BoundRanker, session: Sequence[int], user: np.ndarray,
     scorer = bound.ranker.scorer_for(slate=candidates is not None)
     scores = scorer.score(features(bound, user, pool, terms))  # (C,)
     found = bound.items.rows[pool]
-    order = np.lexsort((found, -scores))[:k]
+    if len(scores) > k:  # only the candidates scoring at least the k-th best can be returned
+        kept = np.flatnonzero(scores >= -np.partition(-scores, k - 1)[k - 1])
+        order = kept[np.lexsort((found[kept], -scores[kept]))[:k]]
+    else:
+        order = np.lexsort((found, -scores))[:k]
     return [(int(found[i]), float(scores[i])) for i in order.tolist()]
 
 
