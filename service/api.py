@@ -156,7 +156,8 @@ async def recommend(
     model = context.bundle.market(market)
     items = body.items
     if body.session_id is not None:
-        items = await context.store.append(market, body.session_id, body.items)
+        with context.batcher.pending():  # submitted below with no await in between
+            items = await context.store.append(market, body.session_id, body.items)
     query = Query(items, body.k, body.exclude_seen, body.candidates)
     rec = await context.batcher.submit(model, query)
     if rec.rerank_seconds is not None:

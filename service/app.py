@@ -172,7 +172,8 @@ def create_app(settings: Settings | None = None, on_ready: Callable[[], None] | 
         in_thread = settings.batch_in == "thread" or (settings.batch_in == "auto" and on_gpu)
         app.state.batcher = Batcher(settings.batch_max, settings.batch_wait_ms / 1000,
                                     metrics.batch_size.observe,
-                                    partial(set_search_threads, settings.threads), in_thread)
+                                    partial(set_search_threads, settings.threads), in_thread,
+                                    settings.batch_join_ms / 1000)
         tasks: set[asyncio.Task[object]] = set()
         sighup = settings.reload_on_sighup and _install_sighup(app, tasks)
         logger.info("serving markets=%s store=%s search=%s device=%s",

@@ -85,3 +85,38 @@ def test_app_with_batching_serves_the_same_ranking(make_service_client,
         plain = client.post("/markets/cc/recommend", json={"items": session}).json()
     assert [i["item_id"] for i in batched["items"]] == [i["item_id"] for i in plain["items"]]
     assert "xmr_encoder_batch_size_count 1.0" in metrics
+
+
+def test_a_request_reading_its_session_joins_the_batch_formed_meanwhile(
+    service_artifacts: Path
+) -> None:
+    """A request inside `pending()` (its store call) when a batch forms is waited for, up to
+    `join_s`, and answered in that batch; without pending requests a batch does not wait."""
+    model = load_bundle(service_artifacts, ["aa"], "faiss", "cpu").market("aa")
+    popular = [i for i, _ in model.popular]
+
+    async def run(join_s: float) -> list[int]:
+        sizes: list[int] = []
+        batcher = Batcher(8, 0.0, sizes.append, in_thread=False, join_s=join_s)
+        store_reply = asyncio.Event()
+
+        async def with_session() -> Recommendation:
+            with batcher.pending():
+                await store_reply.wait()  # the store's round trip
+            return await batcher.submit(model, Query(popular[:2], k=3))
+
+        async def reply_soon() -> None:
+            await asyncio.sleep(0.01)
+            store_reply.set()
+
+        session = asyncio.create_task(with_session())
+        await asyncio.sleep(0)  # it is pending now
+        replier = asyncio.create_task(reply_soon())
+        plain = await batcher.submit(model, Query(popular[:1], k=3))
+        await asyncio.gather(session, replier)
+        assert plain.items and session.result().items
+        await batcher.close()
+        return sizes
+
+    assert asyncio.run(run(join_s=1.0)) == [2]  # waited 10 ms for the pending one: one batch
+    assert asyncio.run(run(join_s=0.0)) == [1, 1]  # without the join wait: two batches
