@@ -3,14 +3,14 @@
 One consumer task takes a request, gathers what else is queued (up to `max_size`, waiting at
 most `wait_s`), and answers each market's group of the batch with one encoder call and one
 index search. Requests queue up while a batch runs, so batches grow with load even when
-`wait_s` is 0; with `max_size` 1 every request is a batch of its own.
+`wait_s` is 0; with `max_size` 1 every request is a batch of its own. Groups are keyed by the
+MarketModel object, so a batch never mixes the versions of a reload.
 
 A request that reads its session from the store first (`pending`) is expected: while one is
 between its store call and its submission, a batch waits up to `join_s` for it. Otherwise it
 would miss the batch that the requests parsed with it make, and wait for the next one too
 (measured at concurrency 8 before this: session requests p50 21-22 ms against 12 ms for the
-others). Groups are keyed by the
-MarketModel object, so a batch never mixes the versions of a reload.
+others).
 
 Where a batch runs (`in_thread`):
 - on the event loop (the CPU default): the encoder's Python work holds the GIL either way, and

@@ -121,7 +121,8 @@ class MarketItems:
         In float32 and in place on the gathered copy, as torch's float32 LayerNorm computes it
         (within 1e-6 of a float64 pass, measured). A request's re-rank of a few hundred hits
         calls this: each float64 temporary of 600 x 128 is a fresh 600 KB allocation whose
-        pages fault in, and that pass took 1.5 ms where this one takes 0.2 ms."""
+        pages fault in, and that pass took 1.5 ms where this one takes 0.2 ms (rows warm; with
+        the rows cold in a 1M-row map, a served re-rank's median went 377 -> 260 us)."""
         side = self.side
         x = self.embeddings(np.asarray(rows, dtype=np.int64))  # (N, D) float32, our copy
         x += side.output_shift.astype(np.float32)
