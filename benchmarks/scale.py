@@ -5,6 +5,7 @@ measured side by side in one run (benchmarks/README.md has the results and the c
                                [--kinds flat,ivf,ivf-sq8,ivf-pq4,hnsw] [--serve-seconds 10]
                                [--workers 1,2]
                                [--layouts full,shared] [--before-src DIR] [--steps ...]
+                               [--baseline ARTIFACTS[:SRC] ...]
 
 1. generation: `write_scale` (what `xmr synthetic --items N --markets M` runs) and the loader
    (`read_dataset`) at each size and market count, users = items / 2.
@@ -19,6 +20,9 @@ measured side by side in one run (benchmarks/README.md has the results and the c
 6. training (first; `--only-training` runs only this): sequences/s of pre-training steps
    (`training.train.TrainingStep`, one thread) at each size, full and sampled softmax, with
    and without distillation, and full-ranking validation's cost per user.
+7. ratio (`--steps ratio` only): recommend at concurrency 1 over each size's proxy (`auto`
+   index) and each `--baseline` (real artifacts, optionally served by another checkout),
+   alternated in one run: the largest size's p50 over each.
 
 The artifacts are written here, not trained (training now samples its softmax above 20K items,
 but a whole 1M-item `xmr train`, with full-ranking validation at ~0.1 s per user, was not run on
@@ -41,6 +45,7 @@ import json
 import os
 import resource
 import shutil
+import subprocess
 import sys
 import time
 from dataclasses import replace
@@ -55,7 +60,7 @@ from market_set import ARTIFACTS_NOTE, LAYOUTS, build_indexes, disk_mib, item_id
 from market_set import stand_in_model as model_for
 from servers import redis_server, xmr_server
 from summary import percentile
-from workload import ITEMS, Request
+from workload import ITEMS, Request, WorkloadSpec, build_requests
 
 from service.errors import IndexRecallError
 from service.index import build_index, load_index, set_search_threads
@@ -338,6 +343,52 @@ def measure_kinds(label: str, market_dir: Path, requests: list[Request], kinds: 
     return results
 
 
+def ratio(baselines: list[str], data: Path, sizes: list[int], workdir: Path, redis_url: str,
+          seconds: float, rounds: int) -> dict[str, Any]:
+    """The largest size's request against smaller ones, side by side: `xmr serve` over each
+    baseline (`ARTIFACTS[:SRC]`: `xmr train` output on real data, served by the checkout SRC,
+    default this one) with bodies of 1-15 items of `data`'s sessions (the load benchmark's
+    workload), and over each size's proxy with its `auto` index and its own sessions' bodies
+    of 1-15 items; k=10, concurrency 1, one worker and thread each; in the order A B .. B A,
+    `rounds` times. Each server's median p50, and the largest proxy's p50 over it."""
+    spec = WorkloadSpec(n_requests=2000, max_items=15, session_share=0.0)
+    servers: list[tuple[str, Path, Path | None, list[Request]]] = []
+    for baseline in baselines:
+        artifacts, _, source = baseline.partition(":")
+        src = Path(source) if source else None
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=src or ROOT,
+                                capture_output=True, text=True, check=True).stdout.strip()
+        servers.append((f"{Path(artifacts).name}@{commit}", Path(artifacts), src,
+                        [r for r in build_requests(data, spec) if r.kind == ITEMS]))
+    params = {}
+    for n_items in sorted(sizes):
+        market_dir, requests = proxy_market(n_items, workdir)
+        manifest = build_index(market_dir)
+        label = f"proxy-{n_items}-{manifest.kind}"
+        params[label] = manifest.params
+        servers.append((label, market_dir.parent.parent, None, requests))
+    runs: dict[str, list[dict[str, Any]]] = {label: [] for label, *_ in servers}
+    for _ in range(rounds):
+        for label, artifacts, src, bodies in servers + servers[::-1]:
+            with xmr_server(artifacts, redis_url, {"XMR_THREADS": "1"},
+                            workdir / f"ratio-{label}.log", source=src) as server:
+                result = recommend(server.url, server.pid, bodies, seconds)
+            print(f"ratio {label} " + " ".join(f"{k}={v}" for k, v in result.items()),
+                  flush=True)
+            runs[label].append(result)
+    for label, artifacts, *_ in servers:
+        if label.startswith("proxy-"):
+            shutil.rmtree(artifacts)
+    proxy = float(np.median([r["recommend_p50_ms"] for r in runs[servers[-1][0]]]))
+    out: dict[str, Any] = {"params": params, "runs": runs, "p50_ms": {}, "ratio": {}}
+    for label in runs:
+        p50 = float(np.median([r["recommend_p50_ms"] for r in runs[label]]))
+        out["p50_ms"][label] = round(p50, 3)
+        out["ratio"][label] = round(proxy / p50, 2)
+    print(f"ratio p50_ms={out['p50_ms']} proxy/baseline={out['ratio']}", flush=True)
+    return out
+
+
 def largest_market(artifacts: Path) -> Path:
     markets = [p for p in (artifacts / "markets").iterdir() if (p / "manifest.json").is_file()]
     return max(markets, key=lambda p: len(load_checkpoint(p).market_items or {}))
@@ -414,12 +465,19 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=ROOT / "out" / "bench-scale")
     parser.add_argument("--steps", default="training,generation,indexes,workers,market-sets",
                         help="Steps to run, of training, generation, indexes, workers, "
-                             "market-sets.")
+                             "market-sets, ratio (not run by default).")
     parser.add_argument("--layouts", default=",".join(LAYOUTS),
                         help=f"Market-set layouts, of {', '.join(LAYOUTS)}.")
     parser.add_argument("--before-src", type=Path,
                         help="A checkout of the code before the shared item table (f5ae3c4): "
                              "the `full` layout's indexes are built and served by it.")
+    parser.add_argument("--baseline", action="append", default=[],
+                        help="Step ratio: ARTIFACTS[:SRC], `xmr train` output on --ratio-data "
+                             "served by the checkout SRC (default this one); repeatable.")
+    parser.add_argument("--ratio-data", type=Path, default=ROOT.parent / "shared" / "data" /
+                        "xmarket", help="Step ratio: the data the baselines were trained on.")
+    parser.add_argument("--ratio-rounds", type=int, default=2,
+                        help="Step ratio: rounds of A B .. B A.")
     parser.add_argument("--set-recall-queries", type=int, default=200,
                         help="Market sets: recall queries per market index.")
     parser.add_argument("--train-softmax", default="full,sampled",
@@ -472,6 +530,9 @@ def main() -> None:
                 f"trained:{source.name}", market_dir, popular_requests(market_dir), kinds,
                 args.workdir, redis_url, args.serve_seconds))
             shutil.rmtree(market_dir.parent.parent)
+        if "ratio" in steps:
+            report["ratio"] = ratio(args.baseline, args.ratio_data, sizes, args.workdir,
+                                    redis_url, args.serve_seconds, args.ratio_rounds)
         smallest: tuple[Path, list[Request]] | None = None
         for n_items in sizes if "indexes" in steps or "workers" in steps else []:
             market_dir, requests = proxy_market(n_items, args.workdir)
