@@ -82,7 +82,9 @@ class ItemTable:
 
 @dataclass(frozen=True)
 class OutputSide:
-    """What turns an item embedding into v_m(i) in one market: LayerNorm(E + shift) [W^T]."""
+    """What turns an item embedding into v_m(i) in one market: LayerNorm(E + shift) [W^T].
+    Every array float32 (`training.checkpoint` reads them so), as `MarketItems.vectors` uses
+    them on its float32 rows without a copy."""
 
     input_shift: np.ndarray  # (D,) the market embedding where the input side has it, else 0
     output_shift: np.ndarray  # (D,) the same for the output side
@@ -125,14 +127,14 @@ class MarketItems:
         the rows cold in a 1M-row map, a served re-rank's median went 377 -> 260 us)."""
         side = self.side
         x = self.embeddings(np.asarray(rows, dtype=np.int64))  # (N, D) float32, our copy
-        x += side.output_shift.astype(np.float32)
+        x += side.output_shift
         x -= x.mean(axis=-1, keepdims=True)
         variance = np.einsum("nd,nd->n", x, x) / np.float32(x.shape[-1])  # (N,)
         x *= (1.0 / np.sqrt(variance + np.float32(side.eps)))[:, None]
-        x *= side.norm_weight.astype(np.float32)
-        x += side.norm_bias.astype(np.float32)
+        x *= side.norm_weight
+        x += side.norm_bias
         if side.projection is not None:
-            x = x @ side.projection.T.astype(np.float32)
+            x = x @ side.projection.T
         return np.ascontiguousarray(x, dtype=np.float32)
 
 
